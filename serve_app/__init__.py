@@ -1,0 +1,1 @@
+"""Ray Serve server for Z-Image-Turbo."""

@@ -1,0 +1,133 @@
+"""The one typed configuration of the server.
+
+Every YAML under `configs/` maps one to one onto `AppConfig` (its `applications[].args`), and every
+engine and deployment takes the piece of it that concerns it. Unknown keys are errors, so a typo in a
+config file fails at start with the key named.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+HUB_MODEL_ID = "Tongyi-MAI/Z-Image-Turbo"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelConfig(_Strict):
+    """Where the weights come from and how they sit on the device."""
+
+    # hub: `from_pretrained(path)` of a hub id or a local folder in the diffusers layout.
+    # tiny: a few-layer model with seeded random weights, written once to `tiny_dir` and then loaded
+    #       back through the same `from_pretrained` code as `hub`.
+    # random-full: the real architecture at full size with random weights, built on the device.
+    source: Literal["hub", "tiny", "random-full"] = "tiny"
+    path: str = HUB_MODEL_ID
+    revision: str | None = None
+    tiny_dir: str | None = None  # default: ~/.cache/serve_app/tiny-z-image-v1
+    seed: int = 0  # seed of the random weights (tiny, random-full)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    device: str = "auto"  # auto: cuda if present, else cpu
+    name: str = "z-image-turbo"  # the `model` name the API accepts and lists
+
+
+class TextEncoderConfig(_Strict):
+    max_sequence_length: int = Field(512, ge=8, le=4096)
+    # diffusers pads every prompt to max_sequence_length; we pad to the batch's longest prompt.
+    pad_to_max_length: bool = False
+    # Z-Image reads the second-to-last hidden state, so the last decoder layer is never needed.
+    skip_last_layer: bool = True
+
+
+class DenoiserConfig(_Strict):
+    default_steps: int = Field(8, ge=1, le=100)
+    max_steps: int = Field(50, ge=1, le=1000)
+    compile: bool = False  # regional torch.compile of the transformer blocks
+    compile_cache_dir: str | None = None  # TORCHINDUCTOR_CACHE_DIR shared by replicas
+    fp8: bool = False  # torchao dynamic-activation / per-row weight FP8 where the chip has FP8
+    attention_backend: str | None = None  # diffusers attention backend name, None = its default
+    warmup_sizes: list[tuple[int, int]] = Field(default_factory=list)  # (height, width) warmed at start
+    ulysses_degree: int = Field(1, ge=1)
+    ring_degree: int = Field(1, ge=1)
+    collective_timeout_s: float = Field(120.0, gt=0)
+
+    @property
+    def sp_degree(self) -> int:
+        return self.ulysses_degree * self.ring_degree
+
+
+class VaeConfig(_Strict):
+    # decode tiled when the image has more pixels than this (bounds activation memory at 2K and up)
+    tiling_min_pixels: int = Field(2048 * 2048, ge=0)
+    compile: bool = False
+
+
+class AutoscalingOptions(_Strict):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    initial_replicas: int | None = None
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    metrics_interval_s: float | None = None
+    look_back_period_s: float | None = None
+    upscale_delay_s: float | None = None
+    downscale_delay_s: float | None = None
+
+
+class DeploymentOptions(_Strict):
+    """What Ray Serve needs to place, scale and batch one stage."""
+
+    num_replicas: int | None = None  # fixed count; leave None to autoscale
+    autoscaling: AutoscalingOptions | None = None
+    max_ongoing_requests: int = Field(16, ge=1)
+    max_queued_requests: int = Field(64, ge=-1)  # -1: unbounded (not recommended)
+    max_batch_size: int = Field(4, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    accelerator_type: str | None = None
+    memory: int | None = None
+    runtime_env: dict[str, Any] | None = None
+    health_check_period_s: float | None = None
+    health_check_timeout_s: float | None = None
+
+    @model_validator(mode="after")
+    def _one_scaling_mode(self) -> "DeploymentOptions":
+        if self.num_replicas is not None and self.autoscaling is not None:
+            raise ValueError("set either num_replicas or autoscaling, not both")
+        return self
+
+
+class ServerConfig(_Strict):
+    """Limits and defaults of the HTTP API."""
+
+    route_prefix: str = "/"
+    request_timeout_s: float = Field(300.0, gt=0)
+    max_prompt_chars: int = Field(4000, ge=1)
+    max_n: int = Field(8, ge=1)
+    min_size: int = Field(64, ge=16)
+    max_size: int = Field(2048, ge=16)
+    size_multiple: int = Field(16, ge=1)
+    default_size: str = "1024x1024"
+    default_output_format: Literal["png", "jpeg", "webp"] = "png"
+    png_compress_level: int = Field(1, ge=0, le=9)
+    jpeg_quality: int = Field(90, ge=1, le=100)
+    webp_quality: int = Field(90, ge=1, le=100)
+    warmup: bool = True  # /health is 200 only after one generation went through every stage
+
+
+class AppConfig(_Strict):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    text_encoder: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
+    denoiser: DenoiserConfig = Field(default_factory=DenoiserConfig)
+    vae: VaeConfig = Field(default_factory=VaeConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    text_encoder_deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    denoiser_deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    vae_deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    ingress_deployment: DeploymentOptions = Field(
+        default_factory=lambda: DeploymentOptions(max_ongoing_requests=256, max_queued_requests=512)
+    )

@@ -1,0 +1,181 @@
+"""DiT denoiser stage: text embeddings + (height, width, steps, seed) per request -> latents.
+
+The loop is `ZImagePipeline.__call__`'s, operation for operation, so that on the same weights and seed
+the result is the same. Requests of one shape share each DiT forward; each request's starting noise
+comes from a CPU generator seeded with its own seed, exactly as diffusers draws it for one image, so
+an image does not depend on what it was batched with (beyond float rounding).
+
+Schedule: diffusers 0.42's Z-Image default, sigmas = linspace(1, 1/steps, steps) shifted by the
+scheduler's shift (3.0, no dynamic shifting), then a final step to 0. `steps` is the number of DiT
+forwards; Turbo's 8 forwards is `steps=8` here. (Older diffusers releases built the schedule from
+`num_inference_steps` with a trailing zero-sigma step, which is why Z-Image-Turbo's model card asks for
+9 "steps" to get 8 forwards; with 0.42 the two coincide.)
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from serve_app.config import DenoiserConfig, ModelConfig
+from serve_app.devices import resolve_device, resolve_dtype
+from serve_app.dit_acceleration import accelerate_transformer
+from serve_app.model_sources import load_scheduler_config, load_transformer
+
+VAE_SCALE_FACTOR = 8  # Flux VAE: 2 ** (len(block_out_channels) - 1)
+PIXELS_PER_LATENT_PATCH = VAE_SCALE_FACTOR * 2  # the DiT patchifies latents 2x2
+
+
+@dataclass
+class DenoiseRequest:
+    embeds: torch.Tensor  # [tokens, hidden] for the prompt
+    height: int
+    width: int
+    steps: int
+    seed: int
+    guidance_scale: float = 0.0
+    negative_embeds: torch.Tensor | None = None  # required when guidance_scale > 0
+
+    @property
+    def shape_key(self) -> tuple[int, int, int]:
+        return (self.height, self.width, self.steps)
+
+
+def default_sigmas(steps: int) -> list[float]:
+    return torch.linspace(1.0, 1 / steps, steps).tolist()
+
+
+def calculate_shift(image_seq_len, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15) -> float:
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * m + (base_shift - m * base_seq_len)
+
+
+def initial_noise(seed: int, channels: int, height: int, width: int) -> torch.Tensor:
+    """[1, C, h, w] float32 noise on CPU, as diffusers' randn_tensor draws it from a CPU generator."""
+    shape = (1, channels, 2 * (height // PIXELS_PER_LATENT_PATCH), 2 * (width // PIXELS_PER_LATENT_PATCH))
+    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
+
+
+def group_by_shape(requests: list[DenoiseRequest]) -> dict[tuple, list[int]]:
+    groups: dict[tuple, list[int]] = collections.defaultdict(list)
+    for i, r in enumerate(requests):
+        groups[r.shape_key].append(i)
+    return dict(groups)
+
+
+class DenoiserStats:
+    """Counters a test or the stats endpoint can read: how many DiT forwards ran, and at what batch."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.forwards = 0
+        self.batches = 0
+        self.requests = 0
+        self.forward_batch_sizes: collections.Counter = collections.Counter()
+        self.forward_shapes: list[tuple] = []  # the (h, w, steps) of every batch, in order (last 1000)
+
+    def record_batch(self, shape: tuple, n_requests: int, n_forwards: int, forward_batch: int) -> None:
+        with self._lock:
+            self.batches += 1
+            self.requests += n_requests
+            self.forwards += n_forwards
+            self.forward_batch_sizes[forward_batch] += n_forwards
+            self.forward_shapes.append(shape)
+            del self.forward_shapes[:-1000]
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {
+                "forwards": self.forwards,
+                "batches": self.batches,
+                "requests": self.requests,
+                "forward_batch_sizes": {str(k): v for k, v in sorted(self.forward_batch_sizes.items())},
+            }
+
+
+class DenoiserEngine:
+    def __init__(self, model_cfg: ModelConfig, cfg: DenoiserConfig, device: torch.device | None = None):
+        self.cfg = cfg
+        self.device = device or resolve_device(model_cfg)
+        self.dtype = resolve_dtype(model_cfg, self.device)
+        self.transformer = load_transformer(model_cfg, self.device, self.dtype)
+        self.scheduler_config = load_scheduler_config(model_cfg)
+        self.in_channels = self.transformer.config.in_channels
+        self.cap_feat_dim = self.transformer.config.cap_feat_dim
+        self.stats = DenoiserStats()
+        self.acceleration = accelerate_transformer(self.transformer, cfg, self.device)
+
+    def _scheduler(self, steps: int, image_seq_len: int):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)
+        mu = calculate_shift(
+            image_seq_len,
+            self.scheduler_config.get("base_image_seq_len", 256),
+            self.scheduler_config.get("max_image_seq_len", 4096),
+            self.scheduler_config.get("base_shift", 0.5),
+            self.scheduler_config.get("max_shift", 1.15),
+        )
+        scheduler.set_timesteps(sigmas=default_sigmas(steps), device=self.device, mu=mu)
+        scheduler.set_begin_index(0)
+        return scheduler
+
+    def validate(self, r: DenoiseRequest) -> None:
+        if r.height % PIXELS_PER_LATENT_PATCH or r.width % PIXELS_PER_LATENT_PATCH:
+            raise ValueError(f"height and width must be multiples of {PIXELS_PER_LATENT_PATCH}")
+        if r.embeds.ndim != 2 or r.embeds.shape[1] != self.cap_feat_dim:
+            raise ValueError(f"embeds must be [tokens, {self.cap_feat_dim}], got {tuple(r.embeds.shape)}")
+        if r.guidance_scale > 0 and r.negative_embeds is None:
+            raise ValueError("guidance_scale > 0 needs negative_embeds")
+
+    @torch.no_grad()
+    def denoise(self, requests: list[DenoiseRequest]) -> list[torch.Tensor]:
+        """Latents [C, h, w] (float32, engine device) for each request, in order. Mixed shapes are split
+        into one batch per shape; each shape's batch runs all its steps before the next starts."""
+        for r in requests:
+            self.validate(r)
+        out: list[torch.Tensor | None] = [None] * len(requests)
+        for _, idx in group_by_shape(requests).items():
+            for i, latents in zip(idx, self._denoise_same_shape([requests[i] for i in idx])):
+                out[i] = latents
+        return out  # type: ignore[return-value]
+
+    def _denoise_same_shape(self, reqs: list[DenoiseRequest]) -> list[torch.Tensor]:
+        height, width, steps = reqs[0].shape_key
+        latents = torch.cat([initial_noise(r.seed, self.in_channels, height, width) for r in reqs]).to(self.device)
+        image_seq_len = (latents.shape[2] // 2) * (latents.shape[3] // 2)
+        scheduler = self._scheduler(steps, image_seq_len)
+
+        cfg_idx = [i for i, r in enumerate(reqs) if r.guidance_scale > 0]
+        embeds = [r.embeds.to(self.device, self.dtype) for r in reqs]
+        embeds += [reqs[i].negative_embeds.to(self.device, self.dtype) for i in cfg_idx]
+        n = len(reqs)
+        forward_batch = n + len(cfg_idx)
+
+        for t in scheduler.timesteps:
+            timestep = (1000 - t.expand(n)) / 1000
+            latent_in = latents.to(self.dtype)
+            if cfg_idx:
+                latent_in = torch.cat([latent_in, latent_in[cfg_idx]])
+                timestep = torch.cat([timestep, timestep[cfg_idx]])
+            model_out = self.transformer(
+                list(latent_in.unsqueeze(2).unbind(dim=0)), timestep, embeds, return_dict=False
+            )[0]
+            preds = [o.float() for o in model_out[:n]]
+            for j, i in enumerate(cfg_idx):
+                pos, neg = preds[i], model_out[n + j].float()
+                preds[i] = pos + reqs[i].guidance_scale * (pos - neg)
+            noise_pred = -torch.stack(preds, dim=0).squeeze(2)
+            latents = scheduler.step(noise_pred.to(torch.float32), t, latents, return_dict=False)[0]
+
+        self.stats.record_batch((height, width, steps), n, len(scheduler.timesteps), forward_batch)
+        return list(latents.unbind(0))
+
+    def warmup(self, sizes: list[tuple[int, int]], steps: int = 1) -> None:
+        """Run one request per size so that compilation and kernel selection happen before traffic."""
+        embeds = torch.zeros(16, self.cap_feat_dim)
+        for h, w in sizes:
+            self.denoise([DenoiseRequest(embeds=embeds, height=h, width=w, steps=steps, seed=0)])

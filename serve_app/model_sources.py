@@ -1,0 +1,144 @@
+"""Loading each Z-Image component from the configured source.
+
+`hub` and `tiny` both go through `from_pretrained` of a folder (or hub id) in the diffusers layout, so
+the code path real weights take is the one the tests take. `random-full` builds the real architecture
+with random weights directly on the device: it costs exactly what the real model costs, for speed work
+where weights cannot be downloaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from serve_app.config import ModelConfig
+from serve_app.tiny_model import ensure_tiny_model
+
+# The published Z-Image-Turbo configuration (transformer, Qwen3-4B text encoder, Flux VAE, scheduler).
+FULL_TRANSFORMER_CONFIG = dict(axes_lens=[1536, 512, 512])  # all else: ZImageTransformer2DModel defaults
+FULL_TEXT_ENCODER_CONFIG = dict(
+    vocab_size=151936,
+    hidden_size=2560,
+    intermediate_size=9728,
+    num_hidden_layers=36,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=40960,
+    rope_theta=1_000_000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+)
+FULL_VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=16,
+    block_out_channels=[128, 256, 512, 512],
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    layers_per_block=2,
+    norm_num_groups=32,
+    sample_size=1024,
+    scaling_factor=0.3611,
+    shift_factor=0.1159,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+    force_upcast=True,
+)
+FULL_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+
+
+def pretrained_root(cfg: ModelConfig) -> str:
+    """The folder or hub id that `from_pretrained` reads for `hub` and `tiny` sources."""
+    if cfg.source == "tiny":
+        return str(ensure_tiny_model(cfg.tiny_dir, seed=cfg.seed))
+    if cfg.source == "hub":
+        return cfg.path
+    raise ValueError(f"model.source={cfg.source!r} has no pretrained folder")
+
+
+def _pretrained_kwargs(cfg: ModelConfig, subfolder: str) -> dict:
+    kw: dict = {"subfolder": subfolder}
+    if cfg.revision and not Path(cfg.path).exists():
+        kw["revision"] = cfg.revision
+    return kw
+
+
+@contextlib.contextmanager
+def _building_on(device: torch.device, dtype: torch.dtype, seed: int):
+    """Build modules directly on `device` in `dtype` with seeded random weights."""
+    old = torch.get_default_dtype()
+    torch.manual_seed(seed)
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    if cfg.source == "random-full":
+        # Tokenisation cost does not depend on the vocabulary's content; the tiny BPE stands in.
+        return AutoTokenizer.from_pretrained(str(ensure_tiny_model(cfg.tiny_dir, seed=cfg.seed)), subfolder="tokenizer")
+    return AutoTokenizer.from_pretrained(pretrained_root(cfg), **_pretrained_kwargs(cfg, "tokenizer"))
+
+
+def load_text_encoder(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoModel, Qwen3Config, Qwen3Model
+
+    if cfg.source == "random-full":
+        with _building_on(device, dtype, cfg.seed):
+            model = Qwen3Model(Qwen3Config(**FULL_TEXT_ENCODER_CONFIG, dtype=dtype))
+        return model.eval().requires_grad_(False)
+    model = AutoModel.from_pretrained(pretrained_root(cfg), dtype=dtype, **_pretrained_kwargs(cfg, "text_encoder"))
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_transformer(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
+    from diffusers import ZImageTransformer2DModel
+
+    if cfg.source == "random-full":
+        with _building_on(device, dtype, cfg.seed + 1):
+            model = ZImageTransformer2DModel(**FULL_TRANSFORMER_CONFIG)
+        _randomise_zero_inits(model)
+        return model.eval().requires_grad_(False)
+    model = ZImageTransformer2DModel.from_pretrained(
+        pretrained_root(cfg), dtype=dtype, **_pretrained_kwargs(cfg, "transformer")
+    )
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_vae(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
+    from diffusers import AutoencoderKL
+
+    if cfg.source == "random-full":
+        with _building_on(device, dtype, cfg.seed + 2):
+            model = AutoencoderKL(**FULL_VAE_CONFIG)
+        return model.eval().requires_grad_(False)
+    model = AutoencoderKL.from_pretrained(pretrained_root(cfg), dtype=dtype, **_pretrained_kwargs(cfg, "vae"))
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_scheduler_config(cfg: ModelConfig) -> dict:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if cfg.source == "random-full":
+        return dict(FlowMatchEulerDiscreteScheduler(**FULL_SCHEDULER_CONFIG).config)
+    return dict(
+        FlowMatchEulerDiscreteScheduler.from_pretrained(pretrained_root(cfg), **_pretrained_kwargs(cfg, "scheduler")).config
+    )
+
+
+def _randomise_zero_inits(model) -> None:
+    """diffusers zero-initialises some output layers; random-full wants non-degenerate activations."""
+    with torch.no_grad():
+        for p in model.all_final_layer.parameters():
+            p.normal_(std=0.02)
+        model.x_pad_token.normal_()
+        model.cap_pad_token.normal_()
+

@@ -1,0 +1,58 @@
+"""The three stage engines composed in one process: what the Serve app does, without Ray."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from serve_app.config import AppConfig
+from serve_app.denoiser_engine import DenoiseRequest, DenoiserEngine
+from serve_app.devices import synchronize
+from serve_app.text_encoder_engine import TextEncoderEngine
+from serve_app.vae_engine import VaeEngine
+
+
+@dataclass
+class GeneratedImage:
+    pixels: torch.Tensor  # uint8 [H, W, 3]
+    seed: int
+    timings_s: dict = field(default_factory=dict)
+
+
+class StagedPipeline:
+    def __init__(self, cfg: AppConfig):
+        self.cfg = cfg
+        self.text_encoder = TextEncoderEngine(cfg.model, cfg.text_encoder)
+        self.denoiser = DenoiserEngine(cfg.model, cfg.denoiser)
+        self.vae = VaeEngine(cfg.model, cfg.vae)
+
+    def generate(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        height: int = 1024,
+        width: int = 1024,
+        steps: int | None = None,
+        guidance_scale: float = 0.0,
+        negative_prompt: str | None = None,
+    ) -> list[GeneratedImage]:
+        steps = steps or self.cfg.denoiser.default_steps
+        timings = {}
+        t0 = time.perf_counter()
+        embeds = self.text_encoder.encode(prompts)
+        neg = self.text_encoder.encode([negative_prompt or ""] * len(prompts)) if guidance_scale > 0 else [None] * len(prompts)
+        synchronize(self.text_encoder.device)
+        t1 = time.perf_counter()
+        reqs = [
+            DenoiseRequest(embeds=e, height=height, width=width, steps=steps, seed=s, guidance_scale=guidance_scale, negative_embeds=n)
+            for e, s, n in zip(embeds, seeds, neg)
+        ]
+        latents = self.denoiser.denoise(reqs)
+        synchronize(self.denoiser.device)
+        t2 = time.perf_counter()
+        images = self.vae.decode(latents)
+        t3 = time.perf_counter()
+        timings = {"text_encoder": t1 - t0, "denoiser": t2 - t1, "vae": t3 - t2, "total": t3 - t0}
+        return [GeneratedImage(pixels=img, seed=s, timings_s=dict(timings)) for img, s in zip(images, seeds)]

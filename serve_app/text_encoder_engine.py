@@ -1,0 +1,57 @@
+"""Text encoder stage: prompts -> one variable-length embedding per prompt.
+
+Same computation as `ZImagePipeline._encode_prompt` (chat template with thinking enabled, Qwen3, the
+second-to-last hidden state, padding removed), but one forward per batch padded only to the batch's
+longest prompt instead of to 512 tokens, and without running the last decoder layer whose output
+Z-Image never reads.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from serve_app.config import ModelConfig, TextEncoderConfig
+from serve_app.devices import resolve_device, resolve_dtype
+from serve_app.model_sources import load_text_encoder, load_tokenizer
+
+
+class TextEncoderEngine:
+    def __init__(self, model_cfg: ModelConfig, cfg: TextEncoderConfig):
+        self.cfg = cfg
+        self.device = resolve_device(model_cfg)
+        self.dtype = resolve_dtype(model_cfg, self.device)
+        self.tokenizer = load_tokenizer(model_cfg)
+        self.model = load_text_encoder(model_cfg, self.device, self.dtype)
+        if cfg.skip_last_layer:
+            # hidden_states[-2] is the output of layer n-2: run n-1 layers and skip the final norm.
+            self.model.layers = self.model.layers[:-1]
+            self.model.config.num_hidden_layers -= 1
+            self.model.norm = torch.nn.Identity()
+        self.hidden_size = self.model.config.hidden_size
+
+    def _templated(self, prompt: str) -> str:
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True, enable_thinking=True
+        )
+
+    def count_tokens(self, prompt: str) -> int:
+        return len(self.tokenizer(self._templated(prompt)).input_ids)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> list[torch.Tensor]:
+        """One [tokens, hidden] tensor per prompt (on the engine's device), truncated at max_sequence_length."""
+        texts = [self._templated(p) for p in prompts]
+        inputs = self.tokenizer(
+            texts,
+            padding="max_length" if self.cfg.pad_to_max_length else "longest",
+            max_length=self.cfg.max_sequence_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        ids = inputs.input_ids.to(self.device)
+        mask = inputs.attention_mask.to(self.device).bool()
+        if self.cfg.skip_last_layer:
+            hidden = self.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        else:
+            hidden = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states[-2]
+        return [hidden[i][mask[i]] for i in range(len(prompts))]

@@ -1,0 +1,193 @@
+"""A tiny Z-Image: the real architecture classes at a few layers, seeded random weights and a BPE
+tokenizer trained here, saved in the standard diffusers folder layout.
+
+It exists so that tests and CPU demos exercise the real `from_pretrained` loading path without any
+download. Building it takes a couple of seconds; it is written once per folder (atomically, so that
+several replicas starting together do not trip over each other) and then only loaded.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+TINY_VERSION = "v1"
+
+# Qwen3-style chat template; `enable_thinking` is accepted as ZImagePipeline passes it.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+
+_CORPUS = [
+    "a photo of a cat sitting on a windowsill in the afternoon sun",
+    "an astronaut riding a horse on the moon, digital art, highly detailed",
+    "a watercolor painting of a lighthouse by the sea at dawn",
+    "portrait of an old fisherman, dramatic lighting, 85mm lens",
+    "a bowl of ramen with steam rising, food photography, bokeh",
+    "cyberpunk city street at night with neon signs and rain reflections",
+    "一只在雪地里奔跑的红色狐狸，高清摄影",
+    "山水画，远处的群山和云雾，中国传统水墨风格",
+    "the quick brown fox jumps over the lazy dog 0123456789",
+    "user assistant system think image prompt style color light shadow texture",
+]
+
+TEXT_ENCODER_CONFIG = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=1024,
+    rope_theta=1_000_000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+)
+# 6 heads: Ulysses 2, 3 and 6 divide them and 4 does not, as with the real model's 30.
+TRANSFORMER_CONFIG = dict(
+    all_patch_size=(2,),
+    all_f_patch_size=(1,),
+    in_channels=16,
+    dim=96,
+    n_layers=2,
+    n_refiner_layers=2,
+    n_heads=6,
+    n_kv_heads=6,
+    norm_eps=1e-5,
+    qk_norm=True,
+    cap_feat_dim=64,
+    rope_theta=256.0,
+    t_scale=1000.0,
+    axes_dims=[8, 4, 4],
+    axes_lens=[256, 128, 128],
+)
+VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=16,
+    block_out_channels=[16, 16, 32, 32],
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    layers_per_block=1,
+    norm_num_groups=8,
+    scaling_factor=0.3611,
+    shift_factor=0.1159,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+)
+SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+
+
+def default_tiny_dir() -> Path:
+    return Path(os.path.expanduser("~/.cache/serve_app")) / f"tiny-z-image-{TINY_VERSION}"
+
+
+def _build_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    model = bpe.model
+    vocab = bpe.get_vocab()
+    import json
+
+    merges = json.loads(bpe.to_str())["model"]["merges"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
+    del model
+    tok = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        unk_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+        model_max_length=4096,
+        padding_side="right",
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def build_tiny_model(folder: str | Path, seed: int = 0) -> Path:
+    """Write the tiny pipeline's components to `folder` (diffusers layout) and return it."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    folder = Path(folder)
+    tok = _build_tokenizer()
+    torch.manual_seed(seed)
+    te = Qwen3Model(Qwen3Config(vocab_size=len(tok), **TEXT_ENCODER_CONFIG))
+    transformer = ZImageTransformer2DModel(**TRANSFORMER_CONFIG)
+    # The pad tokens start as zeros; give them values so a wrong pad shows up in the tests.
+    with torch.no_grad():
+        transformer.x_pad_token.normal_()
+        transformer.cap_pad_token.normal_()
+        # Zero-initialised output projections would make every image the same grey; randomise.
+        for p in transformer.all_final_layer.parameters():
+            p.normal_(std=0.05)
+        for block in list(transformer.layers) + list(transformer.noise_refiner):
+            if block.modulation:
+                for p in block.adaLN_modulation.parameters():
+                    p.normal_(std=0.05)
+    vae = AutoencoderKL(**VAE_CONFIG)
+    scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
+
+    tok.save_pretrained(folder / "tokenizer")
+    te.save_pretrained(folder / "text_encoder")
+    transformer.save_pretrained(folder / "transformer")
+    vae.save_pretrained(folder / "vae")
+    scheduler.save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(
+        """{
+  "_class_name": "ZImagePipeline",
+  "_diffusers_version": "0.42.1",
+  "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+  "text_encoder": ["transformers", "Qwen3Model"],
+  "tokenizer": ["transformers", "Qwen2Tokenizer"],
+  "transformer": ["diffusers", "ZImageTransformer2DModel"],
+  "vae": ["diffusers", "AutoencoderKL"]
+}
+"""
+    )
+    return folder
+
+
+def ensure_tiny_model(folder: str | Path | None = None, seed: int = 0) -> Path:
+    """Return a folder holding the tiny model, building it first if it is not there yet."""
+    folder = Path(folder) if folder else default_tiny_dir()
+    if (folder / "model_index.json").exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(folder) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (folder / "model_index.json").exists():
+            return folder
+        tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+        try:
+            build_tiny_model(tmp, seed=seed)
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder

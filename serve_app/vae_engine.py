@@ -1,0 +1,56 @@
+"""VAE decoder stage: latents -> uint8 RGB images [H, W, 3].
+
+Same arithmetic as ZImagePipeline's decode and VaeImageProcessor.postprocess (unscale, unshift,
+decode, x*0.5+0.5 clamped in the VAE's dtype, then *255 rounded in float32), done on the device so
+only uint8 pixels travel back.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from serve_app.config import ModelConfig, VaeConfig
+from serve_app.devices import resolve_device, resolve_dtype
+from serve_app.model_sources import load_vae
+
+
+class VaeEngine:
+    def __init__(self, model_cfg: ModelConfig, cfg: VaeConfig):
+        self.cfg = cfg
+        self.device = resolve_device(model_cfg)
+        self.dtype = resolve_dtype(model_cfg, self.device)
+        self.vae = load_vae(model_cfg, self.device, self.dtype)
+        self.scaling_factor = self.vae.config.scaling_factor
+        self.shift_factor = self.vae.config.shift_factor
+        if self.device.type == "cuda":
+            self.vae.to(memory_format=torch.channels_last)
+        if cfg.compile:
+            self.vae.decoder = torch.compile(self.vae.decoder, dynamic=True)
+
+    @torch.no_grad()
+    def decode(self, latents: list[torch.Tensor]) -> list[torch.Tensor]:
+        """uint8 [H, W, 3] (CPU) for each [C, h, w] latent; same-shape latents share one decode."""
+        out: list[torch.Tensor | None] = [None] * len(latents)
+        by_shape: dict[tuple, list[int]] = {}
+        for i, lat in enumerate(latents):
+            by_shape.setdefault(tuple(lat.shape), []).append(i)
+        for shape, idx in by_shape.items():
+            batch = torch.stack([latents[i] for i in idx]).to(self.device, self.dtype)
+            for i, img in zip(idx, self._decode_batch(batch)):
+                out[i] = img
+        return out  # type: ignore[return-value]
+
+    def _decode_batch(self, latents: torch.Tensor) -> torch.Tensor:
+        pixels = latents.shape[2] * latents.shape[3] * 64
+        tiled = pixels > self.cfg.tiling_min_pixels
+        if tiled:
+            self.vae.enable_tiling()
+        try:
+            z = latents / self.scaling_factor + self.shift_factor
+            image = self.vae.decode(z, return_dict=False)[0]
+        finally:
+            if tiled:
+                self.vae.disable_tiling()
+        image = (image * 0.5 + 0.5).clamp(0, 1)
+        image = (image.float() * 255).round().to(torch.uint8)
+        return image.permute(0, 2, 3, 1).contiguous().cpu()

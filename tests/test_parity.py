@@ -1,0 +1,137 @@
+"""Our staged engines against diffusers' own ZImagePipeline on the same tiny weights and seeds (CPU, fp32)."""
+
+import numpy as np
+import pytest
+import torch
+
+from serve_app.config import AppConfig, ModelConfig, TextEncoderConfig
+from serve_app.denoiser_engine import DenoiseRequest, DenoiserEngine
+from serve_app.pipeline import StagedPipeline
+from serve_app.text_encoder_engine import TextEncoderEngine
+
+SIZE = 128
+STEPS = 8
+PROMPTS = [
+    "a cat",
+    "an astronaut riding a horse on the moon, digital art, highly detailed, dramatic lighting",
+    "山水画，远处的群山和云雾",
+]
+
+
+def _cfg(tiny_dir, **te) -> AppConfig:
+    return AppConfig(model=ModelConfig(source="tiny", tiny_dir=str(tiny_dir)), text_encoder=TextEncoderConfig(**te))
+
+
+def _reference(pipe, prompt, seed, **kw) -> np.ndarray:
+    out = pipe(
+        prompt=[prompt],  # a fresh list: ZImagePipeline rewrites the caller's list in place
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=STEPS,
+        guidance_scale=kw.pop("guidance_scale", 0.0),
+        generator=torch.Generator("cpu").manual_seed(seed),
+        output_type="pil",
+        **kw,
+    )
+    return np.asarray(out.images[0])
+
+
+@pytest.fixture(scope="module")
+def padded(tiny_dir):
+    return StagedPipeline(_cfg(tiny_dir, pad_to_max_length=True))
+
+
+@pytest.fixture(scope="module")
+def unpadded(tiny_dir):
+    return StagedPipeline(_cfg(tiny_dir))
+
+
+def test_padded_like_diffusers_gives_identical_image(padded, diffusers_pipe):
+    ref = _reference(diffusers_pipe, PROMPTS[1], seed=11)
+    [ours] = padded.generate([PROMPTS[1]], [11], height=SIZE, width=SIZE, steps=STEPS)
+    assert ours.pixels.shape == (SIZE, SIZE, 3) and ours.pixels.dtype == torch.uint8
+    assert np.array_equal(ours.pixels.numpy(), ref)
+
+
+def test_embeddings_match_diffusers(tiny_dir, diffusers_pipe):
+    ref = diffusers_pipe.encode_prompt(list(PROMPTS), device="cpu", do_classifier_free_guidance=False)[0]
+    for pad in (True, False):
+        for skip_last in (True, False):
+            te = TextEncoderEngine(ModelConfig(source="tiny", tiny_dir=str(tiny_dir)), TextEncoderConfig(pad_to_max_length=pad, skip_last_layer=skip_last))
+            ours = te.encode(list(PROMPTS))
+            for r, o in zip(ref, ours):
+                assert o.shape == r.shape
+                if pad:
+                    # same padding, same kernels: skipping the unused last layer changes nothing
+                    assert torch.equal(o, r)
+                else:
+                    # padded to the batch's longest prompt instead of 512: only the attention
+                    # reduction lengths differ, so fp32 rounding (~1e-7 relative) is all that moves
+                    torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)
+
+
+def test_unpadded_image_within_one_level(unpadded, diffusers_pipe):
+    ref = _reference(diffusers_pipe, PROMPTS[0], seed=5)
+    [ours] = unpadded.generate([PROMPTS[0]], [5], height=SIZE, width=SIZE, steps=STEPS)
+    diff = np.abs(ours.pixels.numpy().astype(int) - ref.astype(int))
+    assert diff.max() <= 1
+
+
+def test_latents_match_diffusers(tiny_dir, padded, diffusers_pipe):
+    ref = diffusers_pipe(
+        prompt=[PROMPTS[2]], height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=0.0,
+        generator=torch.Generator("cpu").manual_seed(9), output_type="latent",
+    ).images[0]
+    emb = padded.text_encoder.encode([PROMPTS[2]])[0]
+    [lat] = padded.denoiser.denoise([DenoiseRequest(embeds=emb, height=SIZE, width=SIZE, steps=STEPS, seed=9)])
+    assert torch.equal(lat, ref)
+
+
+def test_classifier_free_guidance_matches_diffusers(padded, diffusers_pipe):
+    ref = _reference(diffusers_pipe, PROMPTS[0], seed=4, guidance_scale=3.0, negative_prompt=["blurry"])
+    [ours] = padded.generate([PROMPTS[0]], [4], height=SIZE, width=SIZE, steps=STEPS, guidance_scale=3.0, negative_prompt="blurry")
+    assert np.array_equal(ours.pixels.numpy(), ref)
+
+
+def test_batch_of_three_matches_single_requests(unpadded):
+    seeds = [1, 2, 3]
+    batch = unpadded.generate(list(PROMPTS), seeds, height=SIZE, width=SIZE, steps=STEPS)
+    assert unpadded.denoiser.stats.forward_batch_sizes[3] >= STEPS  # really one forward for all three
+    for prompt, seed, b in zip(PROMPTS, seeds, batch):
+        [single] = unpadded.generate([prompt], [seed], height=SIZE, width=SIZE, steps=STEPS)
+        # In a batch, shorter captions are padded (with the DiT's pad token, masked out) to the longest
+        # and the text encoder pads to the longest prompt: the masked attention then reduces over
+        # longer rows, which moves fp32 results by rounding only (~1e-6), rarely flipping a rounded level.
+        diff = np.abs(b.pixels.numpy().astype(int) - single.pixels.numpy().astype(int))
+        assert diff.max() <= 1, diff.max()
+
+
+def test_mixed_shapes_split_into_groups(unpadded):
+    emb = unpadded.text_encoder.encode(["a cat"])[0]
+    reqs = [
+        DenoiseRequest(embeds=emb, height=64, width=64, steps=2, seed=1),
+        DenoiseRequest(embeds=emb, height=64, width=128, steps=2, seed=1),
+        DenoiseRequest(embeds=emb, height=64, width=64, steps=2, seed=2),
+    ]
+    before = unpadded.denoiser.stats.forwards
+    out = unpadded.denoiser.denoise(reqs)
+    assert [tuple(o.shape) for o in out] == [(16, 8, 8), (16, 8, 16), (16, 8, 8)]
+    assert unpadded.denoiser.stats.forwards - before == 4  # two shape groups x two steps
+    [alone] = unpadded.denoiser.denoise([reqs[1]])
+    torch.testing.assert_close(out[1], alone, rtol=0, atol=1e-5)
+
+
+def test_seeds_are_deterministic_and_distinct(unpadded):
+    a = unpadded.generate(["a cat"], [42], height=64, width=64, steps=2)[0].pixels
+    b = unpadded.generate(["a cat"], [42], height=64, width=64, steps=2)[0].pixels
+    c = unpadded.generate(["a cat"], [43], height=64, width=64, steps=2)[0].pixels
+    assert a.numpy().tobytes() == b.numpy().tobytes()
+    assert not torch.equal(a, c)
+
+
+def test_bad_requests_are_refused(unpadded):
+    emb = unpadded.text_encoder.encode(["a cat"])[0]
+    with pytest.raises(ValueError, match="multiples of 16"):
+        unpadded.denoiser.denoise([DenoiseRequest(embeds=emb, height=70, width=64, steps=2, seed=0)])
+    with pytest.raises(ValueError, match="negative_embeds"):
+        unpadded.denoiser.denoise([DenoiseRequest(embeds=emb, height=64, width=64, steps=2, seed=0, guidance_scale=2)])
