@@ -116,7 +116,17 @@ class ServerConfig(_Strict):
     png_compress_level: int = Field(1, ge=0, le=9)
     jpeg_quality: int = Field(90, ge=1, le=100)
     webp_quality: int = Field(90, ge=1, le=100)
+    max_inflight_images: int = Field(256, ge=1)  # per ingress replica; past it requests get 429
     warmup: bool = True  # /health is 200 only after one generation went through every stage
+
+    @model_validator(mode="after")
+    def _default_size_allowed(self) -> "ServerConfig":
+        import re
+
+        m = re.fullmatch(r"(\d+)x(\d+)", self.default_size)
+        if not m or not all(self.min_size <= int(v) <= self.max_size and int(v) % self.size_multiple == 0 for v in m.groups()):
+            raise ValueError(f"default_size {self.default_size!r} must be 'WxH' within min_size/max_size and a multiple of size_multiple")
+        return self
 
 
 class AppConfig(_Strict):

@@ -75,16 +75,18 @@ class DenoiserStats:
         self.batches = 0
         self.requests = 0
         self.forward_batch_sizes: collections.Counter = collections.Counter()
-        self.forward_shapes: list[tuple] = []  # the (h, w, steps) of every batch, in order (last 1000)
+        self.mixed_shape_forwards = 0  # forwards whose inputs had more than one latent shape (must stay 0)
 
-    def record_batch(self, shape: tuple, n_requests: int, n_forwards: int, forward_batch: int) -> None:
+    def record_forward(self, latent_shapes: set[tuple], forward_batch: int) -> None:
+        with self._lock:
+            self.forwards += 1
+            self.forward_batch_sizes[forward_batch] += 1
+            self.mixed_shape_forwards += len(latent_shapes) > 1
+
+    def record_batch(self, n_requests: int) -> None:
         with self._lock:
             self.batches += 1
             self.requests += n_requests
-            self.forwards += n_forwards
-            self.forward_batch_sizes[forward_batch] += n_forwards
-            self.forward_shapes.append(shape)
-            del self.forward_shapes[:-1000]
 
     def snapshot(self) -> dict:
         with self._lock:
@@ -93,6 +95,7 @@ class DenoiserStats:
                 "batches": self.batches,
                 "requests": self.requests,
                 "forward_batch_sizes": {str(k): v for k, v in sorted(self.forward_batch_sizes.items())},
+                "mixed_shape_forwards": self.mixed_shape_forwards,
             }
 
 
@@ -153,7 +156,6 @@ class DenoiserEngine:
         embeds = [r.embeds.to(self.device, self.dtype) for r in reqs]
         embeds += [reqs[i].negative_embeds.to(self.device, self.dtype) for i in cfg_idx]
         n = len(reqs)
-        forward_batch = n + len(cfg_idx)
 
         for t in scheduler.timesteps:
             timestep = (1000 - t.expand(n)) / 1000
@@ -161,9 +163,9 @@ class DenoiserEngine:
             if cfg_idx:
                 latent_in = torch.cat([latent_in, latent_in[cfg_idx]])
                 timestep = torch.cat([timestep, timestep[cfg_idx]])
-            model_out = self.transformer(
-                list(latent_in.unsqueeze(2).unbind(dim=0)), timestep, embeds, return_dict=False
-            )[0]
+            latent_list = list(latent_in.unsqueeze(2).unbind(dim=0))
+            model_out = self.transformer(latent_list, timestep, embeds, return_dict=False)[0]
+            self.stats.record_forward({tuple(x.shape) for x in latent_list}, len(latent_list))
             preds = [o.float() for o in model_out[:n]]
             for j, i in enumerate(cfg_idx):
                 pos, neg = preds[i], model_out[n + j].float()
@@ -171,7 +173,7 @@ class DenoiserEngine:
             noise_pred = -torch.stack(preds, dim=0).squeeze(2)
             latents = scheduler.step(noise_pred.to(torch.float32), t, latents, return_dict=False)[0]
 
-        self.stats.record_batch((height, width, steps), n, len(scheduler.timesteps), forward_batch)
+        self.stats.record_batch(n)
         return list(latents.unbind(0))
 
     def warmup(self, sizes: list[tuple[int, int]], steps: int = 1) -> None:

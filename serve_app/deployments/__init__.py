@@ -1,0 +1,1 @@
+"""Thin Ray Serve shells over the stage engines."""

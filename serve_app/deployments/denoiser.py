@@ -1,0 +1,77 @@
+"""DiT-denoiser deployment: batches jobs, runs each shape group through one batched DiT forward per
+step. With ulysses_degree x ring_degree > 1 the replica drives a sequence-parallel group of rank
+workers placed in the replica's own placement group (see serve_app/sp_group.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from ray import serve
+
+from serve_app.config import AppConfig
+from serve_app.denoiser_engine import DenoiseRequest, DenoiserEngine
+from serve_app.deployments.stage_stats import StageStats
+from serve_app.stage_messages import DenoisedLatents, DenoiseJob, EncodedPrompt
+
+
+@serve.deployment
+class DenoiserDeployment:
+    def __init__(self, app_config: dict):
+        cfg = AppConfig.model_validate(app_config)
+        self.cfg = cfg
+        if cfg.denoiser.sp_degree > 1:
+            import ray
+
+            from serve_app.sp_group import SPGroup
+
+            self.engine = SPGroup(cfg, placement_group=ray.util.get_current_placement_group(), first_bundle_index=1)
+        else:
+            self.engine = DenoiserEngine(cfg.model, cfg.denoiser)
+        self.stats_ = StageStats(self.engine.device)
+        self.denoise.set_max_batch_size(cfg.denoiser_deployment.max_batch_size)
+        self.denoise.set_batch_wait_timeout_s(cfg.denoiser_deployment.batch_wait_timeout_s)
+        self.engine.warmup(cfg.denoiser.warmup_sizes or [(64, 64)])
+
+    def _denoise(self, prompts: list[EncodedPrompt], negatives: list[EncodedPrompt | None], jobs: list[DenoiseJob]) -> list[DenoisedLatents]:
+        t0 = time.perf_counter()
+        reqs = [
+            DenoiseRequest(
+                embeds=p.embeds,
+                height=j.height,
+                width=j.width,
+                steps=j.steps,
+                seed=j.seed,
+                guidance_scale=j.guidance_scale,
+                negative_embeds=n.embeds if n is not None else None,
+            )
+            for p, n, j in zip(prompts, negatives, jobs)
+        ]
+        latents = [lat.cpu() for lat in self.engine.denoise(reqs)]
+        dt = time.perf_counter() - t0
+        self.stats_.record(len(jobs), dt)
+        out = []
+        for p, n, lat in zip(prompts, negatives, latents):
+            timings = dict(p.timings)
+            if n is not None:
+                timings["text_encoder_s"] = timings.get("text_encoder_s", 0.0) + n.timings.get("text_encoder_s", 0.0)
+            out.append(DenoisedLatents(latents=lat, timings={**timings, "denoiser_s": dt, "denoiser_batch": len(jobs)}))
+        return out
+
+    @serve.batch
+    async def denoise(
+        self, prompts: list[EncodedPrompt], negatives: list[EncodedPrompt | None], jobs: list[DenoiseJob]
+    ) -> list[DenoisedLatents]:
+        return await asyncio.to_thread(self._denoise, prompts, negatives, jobs)
+
+    def stats(self) -> dict:
+        return {**self.stats_.snapshot(), **self.engine.stats.snapshot()}
+
+    def ready(self) -> bool:
+        return True
+
+    def check_health(self) -> None:
+        # Serve calls this periodically; an SP group with a dead or hung rank raises here, so Serve
+        # replaces the replica and with it the whole group.
+        if hasattr(self.engine, "check_health"):
+            self.engine.check_health()

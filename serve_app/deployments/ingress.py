@@ -1,0 +1,203 @@
+"""HTTP ingress: the OpenAI-compatible images API, driving the stage DAG through deployment handles.
+
+Per request: the prompt is encoded once, then n denoiser calls (consecutive seeds, so they batch)
+each followed by its VAE decode; images are encoded to PNG/JPEG/WebP in worker threads. Admission is bounded (429 past
+`server.max_inflight_images`), downstream queues are bounded (503 on back-pressure) and every request
+has a deadline (504); a cancelled or timed-out request cancels its downstream calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import random
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
+from ray.serve.handle import DeploymentHandle
+
+from serve_app.config import AppConfig
+from serve_app.image_encoding import encode_image
+from serve_app.openai_api import APIError, ImageGenerationRequest, ValidatedRequest, param_from_pydantic_loc, validate_request
+from serve_app.stage_messages import DenoiseJob
+
+log = logging.getLogger("ray.serve")
+
+api = FastAPI(
+    title="Z-Image-Turbo on Ray Serve",
+    description="OpenAI-compatible image generation (POST /v1/images/generations).",
+    version="0.1.0",
+)
+
+
+@api.exception_handler(APIError)
+async def _api_error(_: Request, e: APIError):
+    return JSONResponse(status_code=e.status, content=e.body())
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, e: RequestValidationError):
+    err = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
+    if err.get("type") == "json_invalid":
+        return JSONResponse(status_code=400, content=APIError(400, "the request body is not valid JSON", code="invalid_json").body())
+    param = param_from_pydantic_loc(tuple(err.get("loc", ())))
+    msg = f"{param}: {err.get('msg')}" if param else str(err.get("msg"))
+    return JSONResponse(status_code=400, content=APIError(400, msg, param=param, code="invalid_value").body())
+
+
+def _cancel_all(responses: list) -> None:
+    # DeploymentResponse.cancel() may block until the call is assigned and re-raises the call's own
+    # error (e.g. BackPressureError), so it runs in a worker thread and its errors are dropped.
+    for r in responses:
+        try:
+            r.cancel()
+        except Exception:
+            pass
+
+
+@serve.deployment
+@serve.ingress(api)
+class ImageIngress:
+    def __init__(self, text_encoder: DeploymentHandle, denoiser: DeploymentHandle, vae: DeploymentHandle, app_config: dict):
+        self.cfg = AppConfig.model_validate(app_config)
+        self.server = self.cfg.server
+        self.text_encoder = text_encoder
+        self.denoiser = denoiser
+        self.vae = vae
+        self.inflight_images = 0
+        self.counters = {"requests": 0, "images": 0, "rejected_429": 0, "rejected_503": 0, "timeouts_504": 0, "errors_500": 0}
+        self._warm = False
+
+    # ---- the Python handle API -------------------------------------------------------------
+    async def generate(self, prompt: str, **params) -> dict:
+        """`await serve.get_app_handle("z-image").generate.remote("a fox", seed=1, size="512x512")`.
+
+        Takes the same fields as the HTTP body and returns
+        `{"created", "data": [{"image": bytes, "format", "width", "height", "seed", "timings"}], "timings"}`.
+        Raises `APIError` for invalid input or overload (its `.status` says which)."""
+        try:
+            req = ImageGenerationRequest(prompt=prompt, **params)
+        except Exception as e:  # pydantic ValidationError -> the same 400 the HTTP API gives
+            errs = getattr(e, "errors", lambda: [])()
+            param = param_from_pydantic_loc(tuple(errs[0]["loc"])) if errs else None
+            raise APIError(400, str(e), param=param, code="invalid_value") from None
+        return await self._generate(req)
+
+    # ---- HTTP routes -----------------------------------------------------------------------
+    @api.post("/v1/images/generations")
+    async def images_generations(self, body: ImageGenerationRequest) -> dict:
+        result = await self._generate(body)
+        data = []
+        for item in result["data"]:
+            b64 = await asyncio.to_thread(base64.b64encode, item.pop("image"))
+            data.append({"b64_json": b64.decode("ascii"), "revised_prompt": None, **item})
+        return {**result, "data": data}
+
+    @api.get("/v1/models")
+    async def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.cfg.model.name, "object": "model", "created": 0, "owned_by": "serve_app"}]}
+
+    @api.get("/health")
+    async def health(self):
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(self.text_encoder.ready.remote(), self.denoiser.ready.remote(), self.vae.ready.remote()), timeout=10
+            )
+        except Exception as e:
+            return JSONResponse(status_code=503, content={"status": "starting", "detail": repr(e)[:300]})
+        if self.server.warmup and not self._warm:
+            try:
+                await self._generate(ImageGenerationRequest(prompt="warm-up", size="64x64", num_inference_steps=1, seed=0))
+                self._warm = True
+            except Exception as e:
+                return JSONResponse(status_code=503, content={"status": "warming up", "detail": repr(e)[:300]})
+        return {"status": "ok"}
+
+    @api.get("/v1/stats")
+    async def stats(self) -> dict:
+        te, dn, vae = await asyncio.gather(self.text_encoder.stats.remote(), self.denoiser.stats.remote(), self.vae.stats.remote())
+        return {"ingress": {**self.counters, "inflight_images": self.inflight_images}, "text_encoder": te, "denoiser": dn, "vae": vae}
+
+    # ---- the pipeline ----------------------------------------------------------------------
+    async def _generate(self, body: ImageGenerationRequest) -> dict:
+        dn_cfg = self.cfg.denoiser
+        req = validate_request(body, self.server, self.cfg.model.name, dn_cfg.max_steps, dn_cfg.default_steps)
+        if self.inflight_images + req.n > self.server.max_inflight_images:
+            self.counters["rejected_429"] += 1
+            raise APIError(429, "the server is at capacity; retry later", code="rate_limit_exceeded")
+        self.inflight_images += req.n
+        self.counters["requests"] += 1
+        t0 = time.perf_counter()
+        responses: list = []
+        ok = False
+        try:
+            images = await asyncio.wait_for(self._run_dag(req, responses), timeout=self.server.request_timeout_s)
+            ok = True
+        except asyncio.TimeoutError:
+            self.counters["timeouts_504"] += 1
+            raise APIError(504, f"request took longer than {self.server.request_timeout_s} s", code="timeout") from None
+        except BackPressureError:
+            self.counters["rejected_503"] += 1
+            raise APIError(503, "a model stage's queue is full; retry later", code="overloaded") from None
+        except DeploymentUnavailableError:
+            self.counters["rejected_503"] += 1
+            raise APIError(503, "a model stage is unavailable; retry later", code="unavailable") from None
+        except (APIError, asyncio.CancelledError, RequestCancelledError):
+            raise
+        except Exception as e:
+            self.counters["errors_500"] += 1
+            log.exception("generation failed")
+            raise APIError(500, f"generation failed: {type(e).__name__}: {str(e)[:300]}", code="internal_error") from None
+        finally:
+            self.inflight_images -= req.n
+            if not ok:  # a failed, timed-out or disconnected request frees its queued downstream work
+                asyncio.get_running_loop().run_in_executor(None, _cancel_all, responses)
+        decoded, seeds = images
+        t_stages = time.perf_counter()
+        encoded = await asyncio.gather(*[asyncio.to_thread(encode_image, d.pixels.numpy(), req.output_format, self.server) for d in decoded])
+        t_end = time.perf_counter()
+        self.counters["images"] += req.n
+        data = []
+        for d, seed, img in zip(decoded, seeds, encoded):
+            t = d.timings
+            compute = t.get("text_encoder_s", 0) + t.get("denoiser_s", 0) + t.get("vae_s", 0)
+            timings = {
+                "text_encoder_s": t.get("text_encoder_s", 0.0),
+                "denoiser_s": t.get("denoiser_s", 0.0),
+                "vae_s": t.get("vae_s", 0.0),
+                "encode_s": t_end - t_stages,
+                "queue_s": max(0.0, (t_stages - t0) - compute),
+                "total_s": t_end - t0,
+                "denoiser_batch": t.get("denoiser_batch", 1),
+            }
+            data.append({"image": img, "format": req.output_format, "width": req.width, "height": req.height, "seed": seed, "timings": timings})
+        return {"created": int(time.time()), "data": data, "timings": {"total_s": t_end - t0, "encode_s": t_end - t_stages}}
+
+    async def _run_dag(self, req: ValidatedRequest, responses: list):
+        first_seed = req.seed if req.seed is not None else random.randrange(2**62)
+        seeds = [first_seed + i for i in range(req.n)]
+
+        def call(method, *args):
+            r = method.remote(*args)
+            responses.append(r)
+            return r
+
+        # Each stage is awaited here rather than chained as unresolved responses, so that a full
+        # downstream queue (BackPressureError) or a failed stage surfaces at this await, as a 503/500.
+        encodes = [call(self.text_encoder.encode, req.prompt)]
+        if req.guidance_scale > 0:
+            encodes.append(call(self.text_encoder.encode, req.negative_prompt or ""))
+        encoded = await asyncio.gather(*encodes)
+        prompt, negative = encoded[0], (encoded[1] if len(encoded) > 1 else None)
+
+        async def one_image(seed: int):
+            job = DenoiseJob(height=req.height, width=req.width, steps=req.steps, seed=seed, guidance_scale=req.guidance_scale)
+            latents = await call(self.denoiser.denoise, prompt, negative, job)
+            return await call(self.vae.decode, latents)
+
+        return await asyncio.gather(*[one_image(s) for s in seeds]), seeds

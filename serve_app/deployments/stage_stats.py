@@ -1,0 +1,40 @@
+"""Counters every stage deployment reports through `stats()`: batches, batch sizes, busy time and
+peak device memory, so tests and benchmarks read behaviour instead of inferring it from timing."""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+
+import torch
+
+
+class StageStats:
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._lock = threading.Lock()
+        self.batches = 0
+        self.items = 0
+        self.busy_s = 0.0
+        self.batch_sizes: collections.Counter = collections.Counter()
+
+    def record(self, batch_size: int, seconds: float) -> None:
+        with self._lock:
+            self.batches += 1
+            self.items += batch_size
+            self.busy_s += seconds
+            self.batch_sizes[batch_size] += 1
+
+    def snapshot(self) -> dict:
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        with self._lock:
+            return {
+                "pid": os.getpid(),
+                "device": str(self.device),
+                "batches": self.batches,
+                "items": self.items,
+                "busy_s": round(self.busy_s, 4),
+                "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+                "peak_memory_bytes": peak,
+            }

@@ -1,0 +1,112 @@
+"""The OpenAI-compatible images API: request schema, validation against the server's limits, and
+errors in OpenAI's shape `{"error": {"message", "type", "param", "code"}}`."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from serve_app.config import ServerConfig
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None, type: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type or {400: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error", 503: "server_overloaded", 504: "timeout"}.get(status, "server_error")
+
+    def __reduce__(self):  # crosses process boundaries (handle API callers) intact
+        return (APIError, (self.status, self.message, self.param, self.code, self.type))
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class ImageGenerationRequest(BaseModel):
+    """POST /v1/images/generations. Fields past `user` are the extensions SGLang-diffusion users know."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(description="What to draw.")
+    model: str | None = Field(None, description="Model name from GET /v1/models.")
+    n: int = Field(1, description="Number of images; fanned out with consecutive seeds so they batch.")
+    size: str | None = Field(None, description="'WIDTHxHEIGHT', multiples of 16.", examples=["1024x1024"])
+    response_format: Literal["b64_json"] = "b64_json"
+    output_format: Literal["png", "jpeg", "webp"] | None = None
+    quality: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
+    style: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
+    user: str | None = None
+    seed: int | None = Field(None, description="Seed of the first image; image i uses seed + i.")
+    num_inference_steps: int | None = Field(None, description="DiT forwards (Turbo: 8).")
+    guidance_scale: float = Field(0.0, description="Classifier-free guidance; 0 (Turbo's default) turns it off.")
+    negative_prompt: str | None = None
+
+
+class ValidatedRequest(BaseModel):
+    prompt: str
+    n: int
+    width: int
+    height: int
+    output_format: str
+    seed: int | None
+    steps: int
+    guidance_scale: float
+    negative_prompt: str | None
+
+
+_SIZE = re.compile(r"^(\d+)x(\d+)$")
+
+
+def validate_request(req: ImageGenerationRequest, server: ServerConfig, model_name: str, max_steps: int, default_steps: int) -> ValidatedRequest:
+    if not req.prompt.strip():
+        raise APIError(400, "prompt must not be empty", param="prompt", code="invalid_value")
+    if len(req.prompt) > server.max_prompt_chars:
+        raise APIError(400, f"prompt is longer than {server.max_prompt_chars} characters", param="prompt", code="invalid_value")
+    if req.negative_prompt is not None and len(req.negative_prompt) > server.max_prompt_chars:
+        raise APIError(400, f"negative_prompt is longer than {server.max_prompt_chars} characters", param="negative_prompt", code="invalid_value")
+    if req.model is not None and req.model != model_name:
+        raise APIError(400, f"unknown model {req.model!r}; this server serves {model_name!r}", param="model", code="model_not_found")
+    if not 1 <= req.n <= server.max_n:
+        raise APIError(400, f"n must be between 1 and {server.max_n}", param="n", code="invalid_value")
+    size = req.size or server.default_size
+    m = _SIZE.match(size)
+    if not m:
+        raise APIError(400, f"size must look like '1024x1024', got {size!r}", param="size", code="invalid_value")
+    width, height = int(m.group(1)), int(m.group(2))
+    for v in (width, height):
+        if v % server.size_multiple or not server.min_size <= v <= server.max_size:
+            raise APIError(
+                400,
+                f"size {size!r}: width and height must be multiples of {server.size_multiple} between {server.min_size} and {server.max_size}",
+                param="size",
+                code="invalid_value",
+            )
+    steps = req.num_inference_steps if req.num_inference_steps is not None else default_steps
+    if not 1 <= steps <= max_steps:
+        raise APIError(400, f"num_inference_steps must be between 1 and {max_steps}", param="num_inference_steps", code="invalid_value")
+    if not 0.0 <= req.guidance_scale <= 20.0:
+        raise APIError(400, "guidance_scale must be between 0 and 20", param="guidance_scale", code="invalid_value")
+    if req.seed is not None and not 0 <= req.seed < 2**63 - server.max_n:
+        raise APIError(400, "seed must be a non-negative 63-bit integer", param="seed", code="invalid_value")
+    return ValidatedRequest(
+        prompt=req.prompt,
+        n=req.n,
+        width=width,
+        height=height,
+        output_format=req.output_format or server.default_output_format,
+        seed=req.seed,
+        steps=steps,
+        guidance_scale=req.guidance_scale,
+        negative_prompt=req.negative_prompt,
+    )
+
+
+def param_from_pydantic_loc(loc: tuple) -> str | None:
+    """('body', 'n') -> 'n'; a body that is not an object -> None."""
+    parts = [str(p) for p in loc if p != "body"]
+    return ".".join(parts) or None

@@ -1,0 +1,266 @@
+"""The Serve application over real HTTP on a real local Ray cluster (CPU, tiny model)."""
+
+import asyncio
+import base64
+import concurrent.futures
+import io
+import os
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+PORT = 18321
+BASE = f"http://127.0.0.1:{PORT}"
+
+
+def tiny_args(tiny_dir, **overrides) -> dict:
+    args = {
+        "model": {"source": "tiny", "device": "cpu", "tiny_dir": str(tiny_dir)},
+        "server": {"max_size": 512, "default_size": "64x64", "max_inflight_images": 8, "request_timeout_s": 60},
+        "text_encoder_deployment": {"num_cpus": 0.1, "max_batch_size": 8, "batch_wait_timeout_s": 0.05},
+        "denoiser_deployment": {
+            "num_cpus": 0.1, "max_batch_size": 4, "batch_wait_timeout_s": 0.3, "max_ongoing_requests": 4, "max_queued_requests": 32,
+        },
+        "vae_deployment": {"num_cpus": 0.1, "max_batch_size": 4},
+        "ingress_deployment": {"num_cpus": 0.1, "max_ongoing_requests": 64, "max_queued_requests": 64},
+    }
+    for key, value in overrides.items():
+        args.setdefault(key, {}).update(value)
+    return args
+
+
+@pytest.fixture(scope="module")
+def serve_app(tiny_dir):
+    import ray
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    # short autoscaling metric intervals so that scaling is observable in seconds
+    os.environ["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
+    os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
+    ray.init(num_cpus=4, include_dashboard=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    serve.run(build_app(tiny_args(tiny_dir)), name="z-image", route_prefix="/", blocking=False)
+    _wait_healthy(BASE + "/health")
+    yield serve
+    serve.shutdown()
+    ray.shutdown()
+
+
+def _wait_healthy(url, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(url, timeout=30).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(url)
+
+
+def _post(body, base=BASE, timeout=120):
+    return httpx.post(base + "/v1/images/generations", json=body, timeout=timeout)
+
+
+def _pixels(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+
+
+def _stats(base=BASE):
+    return httpx.get(base + "/v1/stats", timeout=30).json()
+
+
+def test_openai_client_generates_images_that_match_the_pipeline(serve_app, tiny_dir):
+    from openai import OpenAI
+
+    from serve_app.config import AppConfig
+    from serve_app.pipeline import StagedPipeline
+
+    client = OpenAI(base_url=BASE + "/v1", api_key="unused")
+    kw = dict(model="z-image-turbo", prompt="a lighthouse at dawn", size="128x64", response_format="b64_json",
+              extra_body={"seed": 1234, "num_inference_steps": 3})
+    a = client.images.generate(**kw)
+    b = client.images.generate(**kw)
+    assert len(a.data) == 1
+    img = Image.open(io.BytesIO(base64.b64decode(a.data[0].b64_json)))
+    assert img.size == (128, 64) and img.format == "PNG"
+    assert a.data[0].b64_json == b.data[0].b64_json  # same seed, same bytes
+
+    pipe = StagedPipeline(AppConfig.model_validate(tiny_args(tiny_dir)))
+    [ref] = pipe.generate(["a lighthouse at dawn"], [1234], height=64, width=128, steps=3)
+    assert np.array_equal(_pixels(a.data[0].b64_json), ref.pixels.numpy())
+
+
+def test_n_fans_out_with_consecutive_seeds_and_formats(serve_app):
+    r = _post({"prompt": "a cat", "n": 3, "seed": 10, "size": "64x64", "num_inference_steps": 2, "output_format": "jpeg"})
+    assert r.status_code == 200, r.text
+    data = r.json()["data"]
+    assert [d["seed"] for d in data] == [10, 11, 12]
+    assert all(Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))).format == "JPEG" for d in data)
+    assert len({d["b64_json"] for d in data}) == 3
+    t = data[0]["timings"]
+    assert {"text_encoder_s", "denoiser_s", "vae_s", "encode_s", "queue_s", "total_s"} <= set(t)
+    r = _post({"prompt": "a cat", "size": "64x64", "num_inference_steps": 2, "output_format": "webp"})
+    assert Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))).format == "WEBP"
+
+
+def test_concurrent_requests_batch_and_shapes_never_mix(serve_app):
+    steps = 3
+    before = _stats()["denoiser"]
+    bodies = [{"prompt": f"prompt number {i}", "seed": i, "size": "64x64", "num_inference_steps": steps} for i in range(4)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        codes = [r.status_code for r in pool.map(_post, bodies)]
+    assert codes == [200] * 4
+    after = _stats()["denoiser"]
+    forwards = after["forwards"] - before["forwards"]
+    assert forwards < 4 * steps, (before, after)  # fewer than 4 forwards per step: requests shared forwards
+
+    mixed = [{"prompt": "x", "seed": i, "size": "64x64" if i % 2 else "128x64", "num_inference_steps": steps} for i in range(4)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        assert [r.status_code for r in pool.map(_post, mixed)] == [200] * 4
+    assert _stats()["denoiser"]["mixed_shape_forwards"] == 0
+
+
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "x" * 5000}, "prompt"),
+        ({"prompt": "x", "size": "100x64"}, "size"),
+        ({"prompt": "x", "size": "64x4096"}, "size"),
+        ({"prompt": "x", "size": "big"}, "size"),
+        ({"prompt": "x", "n": 0}, "n"),
+        ({"prompt": "x", "n": 9}, "n"),
+        ({"prompt": "x", "n": "three"}, "n"),
+        ({"prompt": "x", "num_inference_steps": 0}, "num_inference_steps"),
+        ({"prompt": "x", "num_inference_steps": 1000}, "num_inference_steps"),
+        ({"prompt": "x", "model": "dall-e-3"}, "model"),
+        ({"prompt": "x", "response_format": "url"}, "response_format"),
+        ({"prompt": "x", "output_format": "gif"}, "output_format"),
+        ({"prompt": "x", "guidance_scale": -1}, "guidance_scale"),
+        ({"prompt": 42}, "prompt"),
+        ({}, "prompt"),
+        ({"prompt": "x", "seed": -5}, "seed"),
+        ({"prompt": "x", "bogus": 1}, "bogus"),
+    ],
+)
+def test_bad_input_gets_400_naming_the_field(serve_app, body, param):
+    r = _post(body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["message"] and err["type"] == "invalid_request_error"
+
+
+def test_malformed_json_is_400(serve_app):
+    r = httpx.post(BASE + "/v1/images/generations", content=b"{nope", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+
+
+def test_overload_is_rejected_then_server_recovers(serve_app, tiny_dir):
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    # 10 images may be in flight in the ingress (then 429); the denoiser takes 2 ongoing + 1 queued (then 503).
+    args = tiny_args(tiny_dir, server={"max_inflight_images": 10},
+                     denoiser_deployment={"max_batch_size": 2, "max_ongoing_requests": 2, "max_queued_requests": 1})
+    serve.run(build_app(args), name="overload", route_prefix="/overload")
+    base = BASE + "/overload"
+    bodies = [{"prompt": f"load {i}", "seed": i, "size": "512x512", "num_inference_steps": 40} for i in range(14)]
+    with concurrent.futures.ThreadPoolExecutor(14) as pool:
+        responses = list(pool.map(lambda b: _post(b, base=base), bodies))
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 429, 503}, codes
+    assert 429 in codes and 503 in codes and 200 in codes, codes
+    for r in responses:
+        if r.status_code != 200:
+            assert r.json()["error"]["code"] in ("rate_limit_exceeded", "overloaded")
+    r = _post({"prompt": "after the storm", "size": "64x64", "num_inference_steps": 2}, base=base)
+    assert r.status_code == 200
+    assert httpx.get(base + "/health").status_code == 200
+    serve.delete("overload")
+
+
+def test_handle_api_matches_http(serve_app):
+    from ray import serve
+
+    handle = serve.get_app_handle("z-image")
+    result = handle.generate.remote("a red fox in snow", seed=77, size="64x64", num_inference_steps=2).result()
+    r = _post({"prompt": "a red fox in snow", "seed": 77, "size": "64x64", "num_inference_steps": 2})
+    assert result["data"][0]["image"] == base64.b64decode(r.json()["data"][0]["b64_json"])
+    assert result["data"][0]["seed"] == 77 and result["data"][0]["width"] == 64
+
+    from serve_app.openai_api import APIError
+
+    with pytest.raises(APIError) as e:
+        handle.generate.remote("x", n=0).result()
+    assert e.value.status == 400 and e.value.param == "n"
+
+
+def test_models_health_and_openapi(serve_app):
+    assert httpx.get(BASE + "/v1/models").json()["data"][0]["id"] == "z-image-turbo"
+    assert httpx.get(BASE + "/health").json() == {"status": "ok"}
+    schema = httpx.get(BASE + "/openapi.json").json()
+    assert "/v1/images/generations" in schema["paths"]
+
+
+def test_request_timeout_gives_504_and_frees_the_server(serve_app, tiny_dir):
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    serve.run(build_app(tiny_args(tiny_dir, server={"request_timeout_s": 0.5})), name="timeouts", route_prefix="/timeouts")
+    base = BASE + "/timeouts"
+    r = _post({"prompt": "slow", "size": "512x512", "num_inference_steps": 40}, base=base)
+    assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+    # A batch already running on the DiT finishes its steps (only queued work is dropped), so the
+    # server is back once that batch is done: within the slow request's own compute time.
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        r = _post({"prompt": "fast", "size": "64x64", "num_inference_steps": 1}, base=base)
+        if r.status_code == 200:
+            break
+        assert r.status_code == 504
+        time.sleep(1)
+    assert r.status_code == 200
+    serve.delete("timeouts")
+
+
+def test_denoiser_autoscales_up_and_down_without_losing_requests(serve_app, tiny_dir):
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    autoscaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "metrics_interval_s": 0.5,
+                   "look_back_period_s": 1.0, "upscale_delay_s": 0.5, "downscale_delay_s": 2.0}
+    args = tiny_args(tiny_dir, denoiser_deployment={"autoscaling": autoscaling, "max_batch_size": 1, "max_ongoing_requests": 2,
+                                                    "max_queued_requests": 64, "batch_wait_timeout_s": 0.0},
+                     server={"max_inflight_images": 64})
+    serve.run(build_app(args), name="scaling", route_prefix="/scaling")
+    base = BASE + "/scaling"
+
+    def replicas():
+        dep = serve.status().applications["scaling"].deployments["Denoiser"]
+        return dep.replica_states.get("RUNNING", 0)
+
+    assert replicas() == 1
+    stop = time.time() + 90
+    results, peak = [], 1
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        while time.time() < stop and peak < 2:
+            batch = [pool.submit(_post, {"prompt": f"load {i}", "size": "128x128", "num_inference_steps": 6}, base) for i in range(6)]
+            results += [f.result().status_code for f in batch]
+            peak = max(peak, replicas())
+    assert peak == 2, "denoiser never scaled to 2 replicas"
+    assert results and set(results) == {200}, results  # nothing lost or refused while scaling
+    deadline = time.time() + 90
+    while time.time() < deadline and replicas() != 1:
+        time.sleep(1)
+    assert replicas() == 1, "denoiser did not scale back to 1"
+    assert _post({"prompt": "after", "size": "64x64", "num_inference_steps": 1}, base=base).status_code == 200
+    serve.delete("scaling")
