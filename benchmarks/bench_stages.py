@@ -1,0 +1,216 @@
+"""Per-stage GPU timings of the engines, each speed switch on and off, next to plain diffusers.
+
+One device run, random-full weights (real architecture, random values), bf16, 1024x1024, 8 forwards:
+  1. plain diffusers ZImagePipeline (eager; what a user starts from) end to end;
+  2. our StagedPipeline end to end and per stage (same weights, same run);
+  3. the text encoder padded to 512 vs to the longest prompt;
+  4. one DiT forward for each variant in --variants (eager, attention backends, compile, fp8+compile);
+  5. the VAE decode eager vs compiled.
+Timing: CUDA-synchronised wall clock, warm-up first, median of --repeats. Writes JSON to --out.
+
+  python benchmarks/bench_stages.py --out $OUT/stages.json --variants eager,cudnn,compile,fp8_compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from serve_app.config import AppConfig, DenoiserConfig, ModelConfig, TextEncoderConfig, VaeConfig  # noqa: E402
+from serve_app.denoiser_engine import DenoiseRequest, DenoiserEngine  # noqa: E402
+
+PROMPT = (
+    "A cinematic photograph of an elderly fisherman mending a bright orange net on a wooden pier at dawn, "
+    "mist over the harbour, gulls in the distance, soft golden light, shallow depth of field, 85mm lens, "
+    "fine skin texture, weathered hands, reflections on wet planks, muted teal and amber palette"
+)
+
+
+sync = torch.cuda.synchronize
+
+
+def timed(fn, repeats: int, warmup: int = 1) -> dict:
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "min_s": min(times), "n": repeats}
+
+
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--variants", default="eager,cudnn,compile")
+    p.add_argument("--skip-diffusers", action="store_true")
+    p.add_argument("--compile-cache-dir", default="/tmp/inductor-cache")
+    p.add_argument("--source", default="random-full", help="tiny + --device cpu: a quick CPU smoke test")
+    p.add_argument("--device", default="cuda")
+    args = p.parse_args()
+
+    global sync
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    model = ModelConfig(source=args.source, dtype="bfloat16" if args.device == "cuda" else "float32", device=args.device)
+    size, steps = args.size, args.steps
+    results: dict = {
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "argv": sys.argv,
+        "size": size,
+        "steps": steps,
+    }
+    import diffusers
+
+    results["diffusers"] = diffusers.__version__
+
+    def save():
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+
+    from serve_app.pipeline import StagedPipeline
+
+    log("building random-full engines")
+    t0 = time.perf_counter()
+    cfg = AppConfig(model=model)
+    pipe = StagedPipeline(cfg)
+    results["build_s"] = time.perf_counter() - t0
+    te, dn, vae = pipe.text_encoder, pipe.denoiser, pipe.vae
+
+    # --- 1. plain diffusers, same modules (full text encoder: rebuilt without our layer skip) ---
+    if not args.skip_diffusers:
+        from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+
+        from serve_app.model_sources import load_text_encoder, load_tokenizer
+
+        full_te = load_text_encoder(model, torch.device(args.device), dtype)
+        ref = ZImagePipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler.from_config(dn.scheduler_config),
+            vae=vae.vae,
+            text_encoder=full_te,
+            tokenizer=load_tokenizer(model),
+            transformer=dn.transformer,
+        )
+        ref.set_progress_bar_config(disable=True)
+
+        def run_ref():
+            ref(prompt=[PROMPT], height=size, width=size, num_inference_steps=steps, guidance_scale=0.0,
+                generator=torch.Generator("cpu").manual_seed(0), output_type="pil")
+
+        results["diffusers_pipeline"] = timed(run_ref, args.repeats)
+        log(f"diffusers ZImagePipeline: {results['diffusers_pipeline']}")
+        del ref, full_te
+        gc.collect()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+        save()
+
+    # --- 2. our staged pipeline, end to end and per stage ---
+    stage_times: dict = {"text_encoder": [], "denoiser": [], "vae": [], "total": []}
+
+    def run_ours():
+        [img] = pipe.generate([PROMPT], [0], height=size, width=size, steps=steps)
+        for k in stage_times:
+            stage_times[k].append(img.timings_s[k])
+
+    results["staged_pipeline"] = timed(run_ours, args.repeats)
+    results["staged_pipeline"]["stages_median_s"] = {k: statistics.median(v[1:] or v) for k, v in stage_times.items()}
+    log(f"staged pipeline: {results['staged_pipeline']}")
+    save()
+
+    # --- 3. text encoder padding ---
+    for pad in (False, True):
+        te.cfg = TextEncoderConfig(pad_to_max_length=pad)
+        results[f"text_encoder_pad{'512' if pad else 'longest'}"] = timed(lambda: te.encode([PROMPT]), 10)
+    results["text_encoder_tokens"] = te.count_tokens(PROMPT)
+    te.cfg = TextEncoderConfig()
+    log(f"text encoder: {results['text_encoder_padlongest']} vs pad512 {results['text_encoder_pad512']}")
+    emb = te.encode([PROMPT])[0]
+    save()
+
+    # --- 4. DiT forward per variant ---
+    def forward_fn(engine: DenoiserEngine, batch: int = 1):
+        lat = torch.randn(batch, 16, 1, size // 8, size // 8, device=args.device, dtype=dtype)
+        t = torch.full((batch,), 0.5, device=args.device)
+        caps = [emb.to(dtype)] * batch
+        return lambda: engine.transformer(list(lat.unbind(0)), t, caps, return_dict=False)
+
+    def denoise_fn(engine: DenoiserEngine):
+        return lambda: engine.denoise([DenoiseRequest(embeds=emb, height=size, width=size, steps=steps, seed=0)])
+
+    results["dit"] = {}
+    del pipe.text_encoder
+    for variant in [v for v in args.variants.split(",") if v]:
+        log(f"DiT variant {variant}")
+        dcfg = DenoiserConfig(
+            compile="compile" in variant,
+            fp8="fp8" in variant,
+            attention_backend={"cudnn": "_native_cudnn", "flash": "_native_flash", "fa3": "_flash_3_hub"}.get(
+                next((b for b in ("cudnn", "flash", "fa3") if b in variant), ""), None
+            ),
+            compile_cache_dir=args.compile_cache_dir,
+        )
+        try:
+            # every variant but eager gets a fresh transformer: fp8, compile and backends change it in place
+            engine = dn if variant == "eager" else DenoiserEngine(model, dcfg)
+            t0 = time.perf_counter()
+            forward_fn(engine)()
+            sync()
+            first = time.perf_counter() - t0
+            r = {"first_call_s": first, "applied": engine.acceleration}
+            r["forward"] = timed(forward_fn(engine), 10, warmup=2)
+            r["forward_batch4"] = timed(forward_fn(engine, 4), 3, warmup=1)
+            r["denoise_8_steps"] = timed(denoise_fn(engine), 3)
+            r["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
+            results["dit"][variant] = r
+            log(f"  {variant}: forward {r['forward']['median_s']*1000:.1f} ms, batch4 {r['forward_batch4']['median_s']*1000:.1f} ms, first {first:.1f} s")
+            if engine is not dn:
+                del engine
+                gc.collect()
+                if args.device == "cuda":
+                    torch.cuda.empty_cache()
+        except Exception as e:  # keep going: one failing variant must not lose the others
+            results["dit"][variant] = {"error": f"{type(e).__name__}: {e}"[:500]}
+            log(f"  {variant} failed: {e}")
+        save()
+
+    # --- 5. VAE ---
+    lat = torch.randn(16, size // 8, size // 8)
+    results["vae_eager"] = timed(lambda: vae.decode([lat]), 5)
+    results["vae_eager_batch4"] = timed(lambda: vae.decode([lat] * 4), 2)
+    log(f"vae eager {results['vae_eager']}")
+    try:
+        vae_c = type(vae)(model, VaeConfig(compile=True))
+        t0 = time.perf_counter()
+        vae_c.decode([lat])
+        results["vae_compile_first_call_s"] = time.perf_counter() - t0
+        results["vae_compile"] = timed(lambda: vae_c.decode([lat]), 5)
+        log(f"vae compiled {results['vae_compile']}")
+    except Exception as e:
+        results["vae_compile"] = {"error": str(e)[:500]}
+    save()
+    log("done")
+
+
+if __name__ == "__main__":
+    main()
