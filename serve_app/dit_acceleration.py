@@ -48,6 +48,11 @@ def accelerate_transformer(transformer, cfg: DenoiserConfig, device: torch.devic
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = cfg.compile_cache_dir
             os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
             os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+        # One block class serves the noise refiners (modulated, image tokens), the context refiners
+        # (unmodulated, caption tokens) and the main layers (joint sequence): several graphs, more
+        # than Dynamo's default limit of 8 once shapes vary.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 512)
         transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
         applied["compile"] = True
     return applied

@@ -22,8 +22,6 @@ class VaeEngine:
         self.vae = load_vae(model_cfg, self.device, self.dtype)
         self.scaling_factor = self.vae.config.scaling_factor
         self.shift_factor = self.vae.config.shift_factor
-        if self.device.type == "cuda":
-            self.vae.to(memory_format=torch.channels_last)
         if cfg.compile:
             self.vae.decoder = torch.compile(self.vae.decoder, dynamic=True)
 
