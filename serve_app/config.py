@@ -39,6 +39,9 @@ class TextEncoderConfig(_Strict):
     max_sequence_length: int = Field(512, ge=8, le=4096)
     # diffusers pads every prompt to max_sequence_length; we pad to the batch's longest prompt.
     pad_to_max_length: bool = False
+    # Pad to the longest prompt rounded up to this many tokens: a handful of GEMM shapes instead of a
+    # new one per prompt length (measured on H100: 119 ms with a fresh length per request, 35 ms warm).
+    pad_to_multiple_of: int = Field(64, ge=1)
     # Z-Image reads the second-to-last hidden state, so the last decoder layer is never needed.
     skip_last_layer: bool = True
 

@@ -39,13 +39,15 @@ class TextEncoderEngine:
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> list[torch.Tensor]:
-        """One [tokens, hidden] tensor per prompt (on the engine's device), truncated at max_sequence_length."""
+        """One [tokens, hidden] tensor per prompt (on the engine's device), truncated at max_sequence_length.
+        Right padding under a causal mask leaves the real tokens' states unchanged by the pad length."""
         texts = [self._templated(p) for p in prompts]
         inputs = self.tokenizer(
             texts,
             padding="max_length" if self.cfg.pad_to_max_length else "longest",
             max_length=self.cfg.max_sequence_length,
             truncation=True,
+            pad_to_multiple_of=None if self.cfg.pad_to_max_length else self.cfg.pad_to_multiple_of,
             return_tensors="pt",
         )
         ids = inputs.input_ids.to(self.device)
