@@ -67,6 +67,7 @@ def main():
     p.add_argument("--compile-cache-dir", default="/tmp/inductor-cache")
     p.add_argument("--source", default="random-full", help="tiny + --device cpu: a quick CPU smoke test")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--profile", action="store_true", help="torch.profiler table of one DiT forward per variant")
     args = p.parse_args()
 
     global sync
@@ -188,6 +189,18 @@ def main():
             r["forward"] = timed(forward_fn(engine), 10, warmup=2)
             r["forward_batch4"] = timed(forward_fn(engine, 4), 3, warmup=1)
             r["denoise_8_steps"] = timed(denoise_fn(engine), 3)
+            if args.profile:
+                from torch.profiler import ProfilerActivity, profile
+
+                acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+                with profile(activities=acts) as prof:
+                    forward_fn(engine)()
+                    sync()
+                key = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
+                table = prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60)
+                with open(os.path.join(os.path.dirname(args.out), f"profile-{variant}.txt"), "w") as f:
+                    f.write(table)
+                print(table, flush=True)
             r["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
             results["dit"][variant] = r
             log(f"  {variant}: forward {r['forward']['median_s']*1000:.1f} ms, batch4 {r['forward_batch4']['median_s']*1000:.1f} ms, first {first:.1f} s")

@@ -264,3 +264,17 @@ def test_denoiser_autoscales_up_and_down_without_losing_requests(serve_app, tiny
     assert replicas() == 1, "denoiser did not scale back to 1"
     assert _post({"prompt": "after", "size": "64x64", "num_inference_steps": 1}, base=base).status_code == 200
     serve.delete("scaling")
+
+
+def test_disconnected_client_frees_its_queued_work(serve_app):
+    # A occupies the DiT; B queues behind it, then its client goes away. B's denoise must never run.
+    before = _stats()["denoiser"]["requests"]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        a = pool.submit(_post, {"prompt": "long one", "size": "512x512", "num_inference_steps": 30})
+        time.sleep(1.0)
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(BASE + "/v1/images/generations", json={"prompt": "impatient", "size": "128x128", "num_inference_steps": 2},
+                       timeout=1.0)
+        assert a.result().status_code == 200
+    time.sleep(2)
+    assert _stats()["denoiser"]["requests"] - before == 1
