@@ -1,0 +1,420 @@
+#!/usr/bin/env python3
+"""Render the KubeRay RayService manifests under k8s/<variant>/ from one template and a `serve run`
+config, so that a RayService's `serveConfigV2` is always exactly the config file it names.
+
+    python k8s/generate.py            # (re)write k8s/base/*, k8s/<variant>/*
+    python k8s/generate.py --check    # exit 1, with a diff, if a committed file differs
+
+Variants (VARIANTS below): `nvidia` (configs/z-image-turbo.yaml on 1-GPU H100 pods), `amd`
+(k8s/configs/z-image-turbo-amd.yaml on 1-GPU MI300X pods), `mixed` (k8s/configs/z-image-turbo-mixed.yaml:
+text encoder + VAE on MI300X, sequence-parallel DiT on 2-GPU H100 pods). Apply one with
+`k8s/apply.sh VARIANT` (= `kubectl apply -k k8s/VARIANT`).
+
+Only the standard library and PyYAML are needed; the collective environment of each vendor comes
+from serve_app/platform.py (stdlib-only at import), the same table the engines use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+K8S = Path(__file__).resolve().parent
+ROOT = K8S.parent
+sys.path.insert(0, str(ROOT))
+
+RAY_VERSION = "2.60.0"
+# Images: built from k8s/images/Dockerfile.{cuda,rocm} (our package and its pinned deps on top of a
+# Ray 2.60 / Python 3.12 base; every node of one Ray cluster must run the same Ray and Python).
+# The names below are what `docker build -t ...` in k8s/README.md produces; point them at your
+# registry with kustomize (`images:` in k8s/<variant>/kustomization.yaml) or SERVE_APP_IMAGE_* for apply.sh.
+IMAGES = {"nvidia": "serve-app-cuda:0.1.0", "amd": "serve-app-rocm:0.1.0"}
+MODEL_ID = "Tongyi-MAI/Z-Image-Turbo"
+HF_HOME = "/models/hf"
+PVC_NAME = "z-image-model-cache"
+SERVE_PORT = 8000
+GPU_RESOURCE = {"nvidia": "nvidia.com/gpu", "amd": "amd.com/gpu"}
+# Taints GPU node pools commonly carry (GPU Operator / AMD GPU Operator); tolerating a taint that is
+# absent is harmless.
+TOLERATIONS = {
+    "nvidia": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    "amd": [{"key": "amd.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+}
+
+
+@dataclass(frozen=True)
+class WorkerGroup:
+    name: str
+    vendor: str  # nvidia | amd
+    accelerator_type: str  # Ray's accelerator type: "H100", "AMD-Instinct-MI300X-OAM"
+    gpus: int  # per pod: a whole SP group must fit in one pod (STRICT_PACK)
+    cpus: int
+    memory: str
+    min_replicas: int
+    max_replicas: int
+    # Kubernetes node labels that pick the chip: NVIDIA GPU Feature Discovery's product label, the
+    # AMD node labeller's PCI device id (74a1 = MI300X OAM, as in Ray's amd_product_dict). Remove if
+    # the cluster has one GPU type per vendor and no labeller.
+    node_selector: tuple[tuple[str, str], ...] = ()
+    object_store_bytes: int = 8 * 1024**3
+    shm: str = "10Gi"
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    config: str  # relative to the repository root
+    head_vendor: str  # which image the (GPU-less) head runs: it imports serve_app to build the app
+    groups: tuple[WorkerGroup, ...]
+    description: str
+
+
+H100_SELECTOR = (("nvidia.com/gpu.product", "NVIDIA-H100-80GB-HBM3"),)
+MI300X_SELECTOR = (("amd.com/gpu.device-id", "74a1"),)
+
+VARIANTS = {
+    v.name: v
+    for v in (
+        Variant(
+            name="nvidia",
+            config="configs/z-image-turbo.yaml",
+            head_vendor="nvidia",
+            groups=(WorkerGroup("h100-1gpu", "nvidia", "H100", gpus=1, cpus=8, memory="96Gi", min_replicas=1, max_replicas=4,
+                                node_selector=H100_SELECTOR),),
+            description="Z-Image-Turbo, the three stages sharing one H100 per pod (configs/z-image-turbo.yaml)",
+        ),
+        Variant(
+            name="amd",
+            config="k8s/configs/z-image-turbo-amd.yaml",
+            head_vendor="amd",
+            groups=(WorkerGroup("mi300x-1gpu", "amd", "AMD-Instinct-MI300X-OAM", gpus=1, cpus=8, memory="96Gi",
+                                min_replicas=1, max_replicas=4, node_selector=MI300X_SELECTOR),),
+            description="Z-Image-Turbo on AMD Instinct MI300X, DiT autoscaled 1-4 (k8s/configs/z-image-turbo-amd.yaml)",
+        ),
+        Variant(
+            name="mixed",
+            config="k8s/configs/z-image-turbo-mixed.yaml",
+            head_vendor="nvidia",
+            groups=(
+                WorkerGroup("mi300x-1gpu", "amd", "AMD-Instinct-MI300X-OAM", gpus=1, cpus=8, memory="64Gi",
+                            min_replicas=1, max_replicas=2, node_selector=MI300X_SELECTOR),
+                WorkerGroup("h100-2gpu", "nvidia", "H100", gpus=2, cpus=16, memory="160Gi", min_replicas=1, max_replicas=3,
+                            node_selector=H100_SELECTOR, object_store_bytes=12 * 1024**3, shm="14Gi"),
+            ),
+            description="text encoder + VAE on MI300X, SP2 DiT on 2-GPU H100 pods (k8s/configs/z-image-turbo-mixed.yaml)",
+        ),
+    )
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def vendor_env(vendor: str) -> list[dict]:
+    """The collective / runtime environment serve_app.platform chooses for the vendor."""
+    from types import SimpleNamespace
+
+    from serve_app.platform import TorchInfo, choose_engine_settings, detect_platform
+
+    platform = detect_platform(torch_info=TorchInfo(vendor=vendor, capability=(9, 0) if vendor == "nvidia" else None))
+    settings = choose_engine_settings(platform, SimpleNamespace(attention_backend=None, fp8=False, compile=False),
+                                      importable=lambda name: False, diffusers_backends={"native"})
+    return [{"name": k, "value": v} for k, v in sorted(settings.collective_env.items())]
+
+
+def serve_config_text(config_path: Path) -> str:
+    """serveConfigV2: the config file's content (comments dropped), keys in file order."""
+    data = yaml.safe_load(config_path.read_text())
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, width=1000)
+
+
+def _ray_resources_param(resources: dict) -> str:
+    # KubeRay's documented form for rayStartParams.resources: '"{\"Custom\": 1}"' (a quoted, escaped
+    # JSON object); Ray's KubeRay autoscaler parses exactly that (autoscaling_config._get_custom_resources).
+    return '"' + json.dumps(resources).replace('"', '\\"') + '"'
+
+
+def _common_env() -> list[dict]:
+    return [
+        {"name": "HF_HOME", "value": HF_HOME},
+        # weights were put on the PVC by the model-download Job; replicas never download
+        {"name": "HF_HUB_OFFLINE", "value": "1"},
+        {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"},
+        {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
+    ]
+
+
+def _readiness_probe() -> dict:
+    # Worker pods join the serve Service only when the app answers GET /health with 200, i.e. every
+    # stage has loaded and warmed up. The probe keeps KubeRay's default checks (raylet health and the
+    # node's Serve proxy), which a custom probe replaces. Not on the head: KubeRay submits
+    # serveConfigV2 only once the head pod is Ready, so the head keeps KubeRay's own probe.
+    cmd = (
+        "wget -T 2 -q -O- http://localhost:52365/api/local_raylet_healthz | grep success"
+        f" && wget -T 2 -q -O- http://localhost:{SERVE_PORT}/-/healthz | grep success"
+        f" && wget -T 5 -q -O /dev/null http://localhost:{SERVE_PORT}/health"
+    )
+    return {
+        "exec": {"command": ["bash", "-c", cmd]},
+        "initialDelaySeconds": 30,
+        "periodSeconds": 10,
+        "timeoutSeconds": 10,
+        "failureThreshold": 6,
+        "successThreshold": 1,
+    }
+
+
+def _volumes(shm: str) -> list[dict]:
+    return [
+        {"name": "model-cache", "persistentVolumeClaim": {"claimName": PVC_NAME}},
+        # Ray's object store lives in /dev/shm; the container default (64 MiB) would push it to disk.
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}},
+    ]
+
+
+def _mounts() -> list[dict]:
+    return [{"name": "model-cache", "mountPath": "/models"}, {"name": "dshm", "mountPath": "/dev/shm"}]
+
+
+def head_group(variant: Variant) -> dict:
+    res = {"cpu": "4", "memory": "16Gi"}
+    return {
+        # num-cpus 0: no Serve replica lands on the GPU-less head (the Serve controller and proxy need
+        # no CPU reservation and still run there).
+        "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+        "template": {
+            "metadata": {"labels": {"app.kubernetes.io/name": "serve-app", "app.kubernetes.io/component": "ray-head"}},
+            "spec": {
+                "containers": [
+                    {
+                        "name": "ray-head",
+                        "image": IMAGES[variant.head_vendor],
+                        "imagePullPolicy": "IfNotPresent",
+                        "ports": [
+                            {"containerPort": 6379, "name": "gcs-server"},
+                            {"containerPort": 8265, "name": "dashboard"},
+                            {"containerPort": 10001, "name": "client"},
+                            {"containerPort": SERVE_PORT, "name": "serve"},
+                        ],
+                        "env": _common_env(),
+                        "resources": {"requests": dict(res), "limits": dict(res)},
+                        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+                    }
+                ],
+                "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}}],
+            },
+        },
+    }
+
+
+def worker_group(group: WorkerGroup) -> dict:
+    gpu_key = GPU_RESOURCE[group.vendor]
+    res = {"cpu": str(group.cpus), "memory": group.memory, gpu_key: str(group.gpus)}
+    spec: dict = {
+        "containers": [
+            {
+                "name": "ray-worker",
+                "image": IMAGES[group.vendor],
+                "imagePullPolicy": "IfNotPresent",
+                "ports": [{"containerPort": SERVE_PORT, "name": "serve"}],
+                "env": _common_env() + vendor_env(group.vendor),
+                "resources": {"requests": dict(res), "limits": dict(res)},
+                "readinessProbe": _readiness_probe(),
+                "volumeMounts": _mounts(),
+            }
+        ],
+        "volumes": _volumes(group.shm),
+        "tolerations": TOLERATIONS[group.vendor],
+    }
+    if group.node_selector:
+        spec["nodeSelector"] = dict(group.node_selector)
+    return {
+        "groupName": group.name,
+        "replicas": group.min_replicas,
+        "minReplicas": group.min_replicas,
+        "maxReplicas": group.max_replicas,
+        "rayStartParams": {
+            # explicit GPU count (KubeRay derives it from nvidia.com/gpu only) and the accelerator
+            # resource, so that the autoscaler knows which group serves `accelerator_type:X` demand
+            # before any pod of it exists (Ray sets the same resource itself once the node starts).
+            "num-gpus": str(group.gpus),
+            "resources": _ray_resources_param({f"accelerator_type:{group.accelerator_type}": 1}),
+            "object-store-memory": str(group.object_store_bytes),
+        },
+        # Ray node labels (KubeRay >= 1.5): label selectors and the autoscaler see the chip and vendor.
+        "labels": {"ray.io/accelerator-type": group.accelerator_type, "gpu-vendor": group.vendor},
+        "template": {
+            "metadata": {"labels": {"app.kubernetes.io/name": "serve-app", "app.kubernetes.io/component": f"ray-worker-{group.name}"}},
+            "spec": spec,
+        },
+    }
+
+
+def rayservice(variant: Variant) -> dict:
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
+        "metadata": {
+            "name": "z-image",
+            "labels": {"app.kubernetes.io/name": "serve-app", "app.kubernetes.io/part-of": "z-image",
+                       "serve-app/variant": variant.name},
+            "annotations": {"serve-app/config": variant.config},
+        },
+        "spec": {
+            # GPU pods take minutes to pull, load 33 GB of weights and compile: be patient before
+            # KubeRay declares the app unhealthy and rebuilds the cluster.
+            "serviceUnhealthySecondThreshold": 1800,
+            "deploymentUnhealthySecondThreshold": 1800,
+            "excludeHeadPodFromServeSvc": True,
+            "serveConfigV2": serve_config_text(ROOT / variant.config),
+            "rayClusterConfig": {
+                "rayVersion": RAY_VERSION,
+                "enableInTreeAutoscaling": True,
+                "autoscalerOptions": {
+                    "version": "v2",
+                    "upscalingMode": "Default",
+                    "idleTimeoutSeconds": 600,
+                    "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"cpu": "1", "memory": "2Gi"}},
+                },
+                "headGroupSpec": head_group(variant),
+                "workerGroupSpecs": [worker_group(g) for g in variant.groups],
+            },
+        },
+    }
+
+
+def model_cache_pvc() -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": PVC_NAME, "labels": {"app.kubernetes.io/name": "serve-app"}},
+        "spec": {
+            # Every GPU pod mounts it: needs a ReadWriteMany class (NFS, CephFS, EFS, Filestore,
+            # Azure Files...). Set storageClassName to yours; the weights take about 33 GB.
+            "accessModes": ["ReadWriteMany"],
+            "resources": {"requests": {"storage": "100Gi"}},
+        },
+    }
+
+
+def model_download_job() -> dict:
+    script = (
+        "pip install --no-cache-dir -q 'huggingface_hub>=0.34' && "
+        "python -c \"import os; from huggingface_hub import snapshot_download; "
+        f"print(snapshot_download('{MODEL_ID}', token=os.environ.get('HF_TOKEN') or None))\""
+    )
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "z-image-model-download", "labels": {"app.kubernetes.io/name": "serve-app"}},
+        "spec": {
+            "backoffLimit": 4,
+            "ttlSecondsAfterFinished": 86400,
+            "template": {
+                "metadata": {"labels": {"app.kubernetes.io/name": "serve-app", "app.kubernetes.io/component": "model-download"}},
+                "spec": {
+                    "restartPolicy": "OnFailure",
+                    "containers": [
+                        {
+                            "name": "download",
+                            "image": "python:3.12-slim",
+                            "command": ["bash", "-c", script],
+                            "env": [
+                                {"name": "HF_HOME", "value": HF_HOME},
+                                {"name": "HF_HUB_ENABLE_HF_TRANSFER", "value": "0"},
+                                # optional: a token for gated or rate-limited downloads
+                                {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "token", "optional": True}}},
+                            ],
+                            "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}},
+                            "volumeMounts": [{"name": "model-cache", "mountPath": "/models"}],
+                        }
+                    ],
+                    "volumes": [{"name": "model-cache", "persistentVolumeClaim": {"claimName": PVC_NAME}}],
+                },
+            },
+        },
+    }
+
+
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (serveConfigV2, scripts) as `|` blocks, readable in review and kubectl."""
+
+
+def _str_representer(dumper, data):
+    style = "|" if "\n" in data else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
+
+
+_Dumper.add_representer(str, _str_representer)
+
+HEADER = "# Generated by k8s/generate.py from {source}; edit that (or the config file) and re-run it.\n"
+
+
+def _dump(doc: dict, source: str) -> str:
+    return HEADER.format(source=source) + yaml.dump(doc, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=1000)
+
+
+def render() -> dict[str, str]:
+    """Every generated file: path relative to k8s/ -> content."""
+    out = {
+        "base/model-cache-pvc.yaml": _dump(model_cache_pvc(), "k8s/generate.py"),
+        "base/model-download-job.yaml": _dump(model_download_job(), "k8s/generate.py"),
+        "base/kustomization.yaml": _dump(
+            {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+             "resources": ["model-cache-pvc.yaml", "model-download-job.yaml"]}, "k8s/generate.py"),
+    }
+    for v in VARIANTS.values():
+        out[f"{v.name}/rayservice.yaml"] = (
+            f"# {v.description}\n" + _dump(rayservice(v), f"k8s/generate.py + {v.config}")
+        )
+        images = sorted({IMAGES[v.head_vendor]} | {IMAGES[g.vendor] for g in v.groups})
+        out[f"{v.name}/kustomization.yaml"] = _dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": ["../base", "rayservice.yaml"],
+                # Point these at your registry (newName / newTag), or let k8s/apply.sh do it from
+                # SERVE_APP_IMAGE_CUDA / SERVE_APP_IMAGE_ROCM without editing this file.
+                "images": [{"name": i.rsplit(":", 1)[0], "newName": i.rsplit(":", 1)[0], "newTag": i.rsplit(":", 1)[1]}
+                           for i in images],
+            },
+            "k8s/generate.py",
+        )
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="fail if a committed manifest differs from what would be generated")
+    args = ap.parse_args(argv)
+    files = render()
+    stale = []
+    for rel, text in files.items():
+        path = K8S / rel
+        current = path.read_text() if path.exists() else None
+        if current == text:
+            continue
+        if args.check:
+            stale.append(rel)
+            sys.stdout.writelines(difflib.unified_diff((current or "").splitlines(True), text.splitlines(True),
+                                                       f"k8s/{rel} (committed)", f"k8s/{rel} (generated)"))
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            print(f"wrote k8s/{rel}")
+    if stale:
+        print(f"\n{len(stale)} manifest(s) out of date: run `python k8s/generate.py`", file=sys.stderr)
+        return 1
+    if args.check:
+        print(f"{len(files)} manifests up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
