@@ -112,6 +112,17 @@ VARIANTS = {
     )
 }
 
+# The SP2 configuration of the main configs/ set, once it exists: the DiT over 2 H100s of one pod.
+if (ROOT / "configs/z-image-turbo-sp2.yaml").exists():
+    VARIANTS["nvidia-sp2"] = Variant(
+        name="nvidia-sp2",
+        config="configs/z-image-turbo-sp2.yaml",
+        head_vendor="nvidia",
+        groups=(WorkerGroup("h100-2gpu", "nvidia", "H100", gpus=2, cpus=16, memory="160Gi", min_replicas=1, max_replicas=4,
+                            node_selector=H100_SELECTOR, object_store_bytes=12 * 1024**3, shm="14Gi"),),
+        description="Z-Image-Turbo with a sequence-parallel DiT over the 2 H100s of one pod (configs/z-image-turbo-sp2.yaml)",
+    )
+
 
 # ---------------------------------------------------------------------------------------------------
 
