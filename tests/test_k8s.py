@@ -14,8 +14,17 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
-sys.path.insert(0, str(K8S))
-import generate  # noqa: E402  (k8s/generate.py)
+
+def _load_generator():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("k8s_generate", K8S / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+generate = _load_generator()  # k8s/generate.py
 
 RAYSERVICES = sorted(K8S.glob("*/rayservice.yaml"))
 K8S_CONFIGS = sorted((K8S / "configs").glob("*.yaml"))
