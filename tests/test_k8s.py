@@ -20,6 +20,7 @@ def _load_generator():
 
     spec = importlib.util.spec_from_file_location("k8s_generate", K8S / "generate.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
