@@ -1,0 +1,130 @@
+"""Sequence-parallel DiT (Ulysses x ring) against the single-process engine: CPU, gloo, tiny model, fp32.
+
+One spawn of 6 processes runs every layout in turn (a fresh process group per layout, ranks beyond its
+size sit it out), because importing torch + diffusers costs ~6 s a process on a 2-core runner.
+Tolerance: atol 1e-4 on fp32 latents after 2 steps (seen: ~1e-6).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+
+from serve_app.config import DenoiserConfig, ModelConfig
+from serve_app.denoiser_engine import DenoiseRequest, DenoiserEngine
+
+SIZE = 64  # 16 image tokens -> padded to 32 by Z-Image; with a 32-token caption: 64 tokens, not divisible by 3 or 6
+STEPS = 2
+ATOL = 1e-4
+# (ulysses, ring): SP 2, 3, 4 (= 2 x 2, the 30-head layout for 4 GPUs), 6, 6 as 3 x 2, pure ring 2
+LAYOUTS = [(2, 1), (3, 1), (2, 2), (6, 1), (3, 2), (1, 2)]
+NPROCS = max(u * r for u, r in LAYOUTS)
+
+
+def _requests(cap_dim: int) -> dict[str, list[DenoiseRequest]]:
+    g = torch.Generator().manual_seed(0)
+
+    def emb(n):
+        return torch.randn(n, cap_dim, generator=g)
+
+    return {
+        "single": [DenoiseRequest(embeds=emb(9), height=SIZE, width=SIZE, steps=STEPS, seed=3)],
+        # caption lengths 7 / 40 / 75 -> 32 / 64 / 96 tokens: a batch with a key mask on the shorter two
+        "batch": [
+            DenoiseRequest(embeds=emb(7), height=SIZE, width=SIZE, steps=STEPS, seed=1),
+            DenoiseRequest(embeds=emb(40), height=SIZE, width=SIZE, steps=STEPS, seed=2),
+            DenoiseRequest(embeds=emb(75), height=SIZE, width=SIZE, steps=STEPS, seed=3),
+        ],
+        # classifier-free guidance doubles the batch inside the engine; a 128-wide image is a second shape
+        "cfg_mixed": [
+            DenoiseRequest(embeds=emb(20), height=SIZE, width=2 * SIZE, steps=STEPS, seed=4, guidance_scale=2.0, negative_embeds=emb(5)),
+            DenoiseRequest(embeds=emb(33), height=SIZE, width=SIZE, steps=STEPS, seed=5),
+        ],
+    }
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _worker(rank: int, tiny_dir: str, ports: list[int], out_dir: str) -> None:
+    import time
+    t0 = time.time()
+    torch.set_num_threads(1)
+    from serve_app.sp_engine import SequenceParallelDenoiser, init_sp_process_group
+
+    model_cfg = ModelConfig(source="tiny", tiny_dir=tiny_dir)
+    for (u, r), port in zip(LAYOUTS, ports):
+        n = u * r
+        if rank >= n:
+            continue
+        init_sp_process_group(rank, n, "127.0.0.1", port, timeout_s=120)
+        sp = SequenceParallelDenoiser(model_cfg, DenoiserConfig(ulysses_degree=u, ring_degree=r))
+        seen: list[int] = []  # sequence length each main block really sees (its shard)
+        sp.transformer.layers[-1].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
+        sp.check_collectives(30)
+        results = {name: [t.cpu() for t in sp.denoise(reqs)] for name, reqs in _requests(sp.engine.cap_feat_dim).items()}
+        info = {**sp.info(), "shard_lens": seen}
+        if rank == 0:
+            print(f"layout {u}x{r} done at {time.time() - t0:.1f}s", flush=True)
+            torch.save({"results": results, "info": info}, os.path.join(out_dir, f"u{u}r{r}.pt"))
+        sp.close()
+
+
+@pytest.fixture(scope="module")
+def sp_results(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sp")
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_worker, args=(str(tiny_dir), _free_ports(len(LAYOUTS)), str(out)), nprocs=NPROCS, join=True, start_method="spawn")
+    return {(u, r): torch.load(out / f"u{u}r{r}.pt") for u, r in LAYOUTS}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dir):
+    eng = DenoiserEngine(ModelConfig(source="tiny", tiny_dir=str(tiny_dir)), DenoiserConfig(), device=torch.device("cpu"))
+    return {name: eng.denoise(reqs) for name, reqs in _requests(eng.cap_feat_dim).items()}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=[f"ulysses{u}xring{r}" for u, r in LAYOUTS])
+@pytest.mark.parametrize("case", ["single", "batch", "cfg_mixed"])
+def test_sp_matches_single_process(sp_results, reference, layout, case):
+    got = sp_results[layout]["results"][case]
+    info = sp_results[layout]["info"]
+    assert (info["ulysses_degree"], info["ring_degree"]) == layout and info["backend"] == "gloo"
+    assert info["attention"] == ("diffusers-ulysses" if layout[1] == 1 else "usp")
+    n = layout[0] * layout[1]
+    # really sharded: the single request's 64 tokens (padded up to a multiple of n) over n ranks
+    assert info["shard_lens"][0] == -(-64 // n), info["shard_lens"]
+    for ref, lat in zip(reference[case], got):
+        assert lat.shape == ref.shape
+        diff = (lat - ref).abs().max().item()
+        print(f"{layout} {case}: max abs diff {diff:.2e}")
+        assert diff <= ATOL, diff
+
+
+def test_layout_choice_and_clear_errors(tiny_dir):
+    from serve_app.model_sources import load_transformer
+    from serve_app.zimage_context_parallel import choose_layout, enable_sequence_parallel
+
+    assert [choose_layout(n, 30) for n in (2, 3, 4, 6, 8)] == [(2, 1), (3, 1), (2, 2), (6, 1), (2, 4)]
+    assert [choose_layout(n, 6) for n in (2, 3, 4, 6)] == [(2, 1), (3, 1), (2, 2), (6, 1)]
+
+    # checked before any process group is touched, so every rank fails alike
+    t = load_transformer(ModelConfig(source="tiny", tiny_dir=str(tiny_dir)), torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError, match="ulysses_degree=4 does not divide the model's 6 attention heads; use ulysses_degree=2 x ring_degree=2"):
+        enable_sequence_parallel(t, 4, 1)
+    with pytest.raises(ValueError, match="ulysses_anything cannot split 6 heads over 4 ranks"):
+        enable_sequence_parallel(t, 4, 1, ulysses_anything=True)
+    with pytest.raises(ValueError, match="needs ring_degree 1"):
+        enable_sequence_parallel(t, 2, 2, ulysses_anything=True)
+    assert enable_sequence_parallel(t, 1, 1).attention == "none"
