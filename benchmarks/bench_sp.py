@@ -11,7 +11,8 @@ the plain `DenoiserEngine`. Random embeddings (--cap-len tokens, fixed seed) sta
   - parity: cosine similarity and max abs diff of the final latents against SP 1's (same seed).
 
 Layouts: `u2` Ulysses 2; `u2r2` Ulysses 2 x ring 2 (our Ulysses x ring processor); `r4` ring 4;
-`ulysses4` Ulysses 4 through diffusers' `ulysses_anything` (pads 30 heads to 32). --layouts lists the
+`ulysses4` Ulysses 4 through diffusers' `ulysses_anything` (pads 30 heads to 32); a `+nr` suffix
+(`u2+nr`) shards the two noise refiners too (`DenoiserConfig.sp_shard_noise_refiner`). --layouts lists the
 layouts for degrees above 2 (and may name any others); a degree in --degrees without a listed layout
 runs as `u<degree>`.
 
@@ -51,14 +52,18 @@ def log(msg: str) -> None:
 
 
 def parse_layout(name: str) -> dict:
-    m = re.fullmatch(r"(?:u(\d+))?(?:r(\d+))?", name)
-    if name.startswith("ulysses"):
-        u = int(name[len("ulysses"):])
-        return {"name": name, "ulysses": u, "ring": 1, "ulysses_anything": True, "degree": u}
+    base, plus, extra = name.partition("+")
+    if plus and extra != "nr":
+        raise SystemExit(f"bad layout {name!r}: the only suffix is +nr (noise refiners sharded too)")
+    shard = {"shard_noise_refiner": bool(plus)}
+    m = re.fullmatch(r"(?:u(\d+))?(?:r(\d+))?", base)
+    if base.startswith("ulysses"):
+        u = int(base[len("ulysses"):])
+        return {"name": name, "ulysses": u, "ring": 1, "ulysses_anything": True, "degree": u, **shard}
     if not m or not (m.group(1) or m.group(2)):
-        raise SystemExit(f"bad layout {name!r}: use u<N>, r<N>, u<N>r<M> or ulysses<N>")
+        raise SystemExit(f"bad layout {name!r}: use u<N>, r<N>, u<N>r<M> or ulysses<N>, each optionally +nr")
     u, r = int(m.group(1) or 1), int(m.group(2) or 1)
-    return {"name": name, "ulysses": u, "ring": r, "ulysses_anything": False, "degree": u * r}
+    return {"name": name, "ulysses": u, "ring": r, "ulysses_anything": False, "degree": u * r, **shard}
 
 
 def plan_runs(args, n_devices: int) -> tuple[list[dict], list[dict]]:
@@ -142,7 +147,7 @@ def _worker(rank: int, args, runs: list[dict], ports: list[int], result_path: st
         n = run["degree"]
         if rank >= n:
             continue
-        entry: dict = {k: run[k] for k in ("name", "degree", "ulysses", "ring", "ulysses_anything")}
+        entry: dict = {k: run[k] for k in ("name", "degree", "ulysses", "ring", "ulysses_anything", "shard_noise_refiner")}
         engine = sp = None
         try:
             t0 = time.perf_counter()
@@ -154,7 +159,9 @@ def _worker(rank: int, args, runs: list[dict], ports: list[int], result_path: st
                 device = init_sp_process_group(
                     rank, n, "127.0.0.1", port, backend="gloo" if args.device == "cpu" else None, timeout_s=args.timeout
                 )
-                cfg = den_cfg.model_copy(update={"ulysses_degree": run["ulysses"], "ring_degree": run["ring"]})
+                cfg = den_cfg.model_copy(update={
+                    "ulysses_degree": run["ulysses"], "ring_degree": run["ring"], "sp_shard_noise_refiner": run["shard_noise_refiner"],
+                })
                 sp = SequenceParallelDenoiser(
                     model_cfg.model_copy(update={"device": str(device)}), cfg, device=device,
                     ulysses_anything=run["ulysses_anything"],

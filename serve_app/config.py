@@ -57,6 +57,8 @@ class DenoiserConfig(_Strict):
     ulysses_degree: int = Field(1, ge=1)
     ring_degree: int = Field(1, ge=1)
     collective_timeout_s: float = Field(120.0, gt=0)
+    # SP > 1: also shard the two noise-refiner blocks (image tokens), not just the 30 main blocks.
+    sp_shard_noise_refiner: bool = False
 
     @property
     def sp_degree(self) -> int:

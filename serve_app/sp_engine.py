@@ -113,7 +113,10 @@ class SequenceParallelDenoiser:
             u, r = (self.world_size, 1) if ulysses_anything else choose_layout(self.world_size, transformer.config.n_heads)
         if u * r != self.world_size:
             raise ValueError(f"ulysses_degree {u} x ring_degree {r} != world size {self.world_size}")
-        self.sp: SPInfo = enable_sequence_parallel(transformer, u, r, None, ulysses_anything=ulysses_anything, attention=attention)
+        self.sp: SPInfo = enable_sequence_parallel(
+            transformer, u, r, None, ulysses_anything=ulysses_anything, attention=attention,
+            shard_noise_refiner=cfg.sp_shard_noise_refiner,
+        )
         if cfg.fp8 or cfg.compile:
             applied = accelerate_transformer(transformer, cfg.model_copy(update={"attention_backend": None}), self.device)
             self.engine.acceleration.update({k: v for k, v in applied.items() if k != "attention_backend"})
@@ -136,6 +139,7 @@ class SequenceParallelDenoiser:
             "ring_degree": self.sp.ring_degree,
             "attention": self.sp.attention,
             "pads_sequence": self.sp.pads_sequence,
+            "shards_noise_refiner": self.sp.shards_noise_refiner,
             "acceleration": dict(self.engine.acceleration),
         }
 

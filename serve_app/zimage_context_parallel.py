@@ -3,9 +3,10 @@
 diffusers 0.42 ships no `_cp_plan` for `ZImageTransformer2DModel`; `zimage_cp_plan` is ours. What it does
 to one forward (every rank runs the same forward on the same inputs):
 
-  patchify, embedders, 2 noise refiners (image tokens), 2 context refiners (caption tokens): UNSHARDED.
-      They run on every rank on the full (short) sequences; they are ~4 of 34 blocks and their sequences
-      are half as long, so sharding them would buy little and would need a plan per sub-sequence.
+  patchify, embedders, 2 context refiners (caption tokens): UNSHARDED, on every rank (short sequences).
+  2 noise refiners (image tokens): unsharded by default; with `shard_noise_refiner` split on dim 1 like
+      the main blocks (own Ulysses / ring attention, pad to the degree) and gathered after the last one.
+      At 1024² they are ~6% of a forward: left whole they cap SP 2 at ~1.9x and SP 4 at ~3.4x (Amdahl).
   unified sequence [image tokens | caption tokens] (each padded to a multiple of 32 by Z-Image, the
       batch padded to its longest sample with a key mask):
       - padded further to a multiple of the SP degree when it does not divide (SP 3, 6, ...; at 1024x1024
@@ -47,17 +48,25 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------------- plan
 
 
-def zimage_cp_plan(transformer) -> dict:
+def zimage_cp_plan(transformer, shard_noise_refiner: bool = False) -> dict:
     """The context-parallel plan for `ZImageTransformer2DModel` (see module docstring)."""
     from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
 
-    plan: dict = {
-        "layers.0": {"x": ContextParallelInput(split_dim=1, expected_dims=3)},
-        "layers.*": {
-            "attn_mask": ContextParallelInput(split_dim=1, expected_dims=2),
-            "freqs_cis": ContextParallelInput(split_dim=1, expected_dims=3),
-        },
-    }
+    def blocks(name: str) -> dict:
+        return {
+            f"{name}.0": {"x": ContextParallelInput(split_dim=1, expected_dims=3)},
+            f"{name}.*": {
+                "attn_mask": ContextParallelInput(split_dim=1, expected_dims=2),
+                "freqs_cis": ContextParallelInput(split_dim=1, expected_dims=3),
+            },
+        }
+
+    plan: dict = blocks("layers")
+    if shard_noise_refiner:
+        # The image tokens alone, sharded through both noise refiners and gathered after the last one;
+        # `_build_unified_sequence` slices each sample to its length, so a trailing SP pad never leaks.
+        plan.update(blocks("noise_refiner"))
+        plan[f"noise_refiner.{len(transformer.noise_refiner) - 1}"] = ContextParallelOutput(gather_dim=1, expected_dims=3)
     for key in transformer.all_final_layer.keys():  # one per patch size, "2-1" for Z-Image
         plan[f"all_final_layer.{key}"] = ContextParallelOutput(gather_dim=1, expected_dims=3)
     return plan
@@ -77,6 +86,7 @@ class SPInfo:
     attention: str  # "diffusers-ulysses", "diffusers-ulysses-anything", "usp" or "none"
     pads_sequence: bool
     mesh: object = field(default=None, repr=False)
+    shards_noise_refiner: bool = False
 
 
 # ------------------------------------------------------------------------------------ CPU workaround
@@ -319,6 +329,7 @@ def enable_sequence_parallel(
     *,
     ulysses_anything: bool = False,
     attention: str = "auto",
+    shard_noise_refiner: bool = False,
 ) -> SPInfo:
     """Shard `transformer`'s main blocks over `ulysses_degree * ring_degree` ranks of the (initialised)
     default process group. Every rank must call this, and then run the same forwards on the same inputs;
@@ -327,6 +338,8 @@ def enable_sequence_parallel(
     `mesh_or_none`: a DeviceMesh with dims ("ring", "ulysses"), or None to build one over all ranks.
     `ulysses_anything`: diffusers' Ulysses for head counts the degree does not divide (ring_degree 1).
     `attention`: "auto" (diffusers' Ulysses when ring_degree == 1, ours otherwise) or "usp" (always ours).
+    `shard_noise_refiner`: also shard the two noise-refiner blocks (image tokens only; ~6% of a 1024²
+    forward that would otherwise run whole on every rank) at the cost of one all-gather per forward.
     """
     n = ulysses_degree * ring_degree
     if n == 1:
@@ -375,22 +388,41 @@ def enable_sequence_parallel(
                 m.processor._attention_backend = None
 
     with _accelerator_count_at_least_one():
-        transformer.enable_parallelism(config=cp, cp_plan=zimage_cp_plan(transformer))
+        transformer.enable_parallelism(config=cp, cp_plan=zimage_cp_plan(transformer, shard_noise_refiner))
 
-    # Refiners stay unsharded and local (see module docstring).
-    for blocks in (transformer.noise_refiner, transformer.context_refiner):
+    sharded = list(transformer.layers) + (list(transformer.noise_refiner) if shard_noise_refiner else [])
+    unsharded = [transformer.context_refiner] + ([] if shard_noise_refiner else [transformer.noise_refiner])
+    # Unsharded refiners run locally (see module docstring).
+    for blocks in unsharded:
         for m in blocks.modules():
             if hasattr(getattr(m, "processor", None), "_parallel_config"):
                 m.processor._parallel_config = None
                 if use_usp and backend_name is not None:
                     m.processor._attention_backend = backend
     if use_usp:
-        for block in transformer.layers:
+        for block in sharded:
             block.attention.set_processor(ZImageUSPAttnProcessor(cp, backend_name))
 
+    _prime_split_hooks(transformer)
     pads = not ulysses_anything
     if pads:
-        for block in transformer.layers:
+        for block in sharded:
             block.register_forward_pre_hook(_make_pad_hook(n), with_kwargs=True)
     attention_kind = "usp" if use_usp else ("diffusers-ulysses-anything" if ulysses_anything else "diffusers-ulysses")
-    return SPInfo(ulysses_degree, ring_degree, attention_kind, pads, mesh)
+    return SPInfo(ulysses_degree, ring_degree, attention_kind, pads, mesh, shard_noise_refiner)
+
+
+def _prime_split_hooks(transformer) -> None:
+    """diffusers' split hooks find an argument's position with `inspect.signature` on their first call,
+    which Dynamo cannot trace (`compile_repeated_blocks(fullgraph=True)` fails on it): fill that cache now."""
+    import inspect
+
+    from diffusers.hooks.context_parallel import ContextParallelSplitHook
+
+    for m in transformer.modules():
+        registry = getattr(m, "_diffusers_hook", None)
+        for hook in getattr(registry, "hooks", {}).values():
+            meta = getattr(hook, "module_forward_metadata", None) if isinstance(hook, ContextParallelSplitHook) else None
+            if meta is not None and meta.cached_parameter_indices is None and meta._cls is not None:
+                names = list(inspect.signature(meta._cls.forward).parameters)[1:]
+                meta.cached_parameter_indices = {name: i for i, name in enumerate(names)}

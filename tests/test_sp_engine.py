@@ -21,7 +21,15 @@ STEPS = 2
 ATOL = 1e-4
 # (ulysses, ring): SP 2, 3, 4 (= 2 x 2, the 30-head layout for 4 GPUs), 6, 6 as 3 x 2, pure ring 2
 LAYOUTS = [(2, 1), (3, 1), (2, 2), (6, 1), (3, 2), (1, 2)]
+# the same with the noise refiners sharded too: diffusers' Ulysses, Ulysses with a pad (32 image tokens
+# over 3 ranks), and our Ulysses x ring processor
+REFINER_LAYOUTS = [(2, 1), (3, 1), (2, 2)]
+VARIANTS = [(u, r, False) for u, r in LAYOUTS] + [(u, r, True) for u, r in REFINER_LAYOUTS]
 NPROCS = max(u * r for u, r in LAYOUTS)
+
+
+def _key(u: int, r: int, shard_refiner: bool) -> str:
+    return f"u{u}r{r}" + ("-refiner" if shard_refiner else "")
 
 
 def _requests(cap_dim: int) -> dict[str, list[DenoiseRequest]]:
@@ -63,20 +71,23 @@ def _worker(rank: int, tiny_dir: str, ports: list[int], out_dir: str) -> None:
     from serve_app.sp_engine import SequenceParallelDenoiser, init_sp_process_group
 
     model_cfg = ModelConfig(source="tiny", tiny_dir=tiny_dir)
-    for (u, r), port in zip(LAYOUTS, ports):
+    for (u, r, shard_refiner), port in zip(VARIANTS, ports):
         n = u * r
         if rank >= n:
             continue
         init_sp_process_group(rank, n, "127.0.0.1", port, timeout_s=120)
-        sp = SequenceParallelDenoiser(model_cfg, DenoiserConfig(ulysses_degree=u, ring_degree=r))
-        seen: list[int] = []  # sequence length each main block really sees (its shard)
+        cfg = DenoiserConfig(ulysses_degree=u, ring_degree=r, sp_shard_noise_refiner=shard_refiner)
+        sp = SequenceParallelDenoiser(model_cfg, cfg)
+        seen: list[int] = []  # sequence length the last main block really sees (its shard)
         sp.transformer.layers[-1].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
+        seen_refiner: list[int] = []  # and the last noise refiner
+        sp.transformer.noise_refiner[-1].register_forward_pre_hook(lambda m, a: seen_refiner.append(a[0].shape[1]))
         sp.check_collectives(30)
         results = {name: [t.cpu() for t in sp.denoise(reqs)] for name, reqs in _requests(sp.engine.cap_feat_dim).items()}
-        info = {**sp.info(), "shard_lens": seen}
+        info = {**sp.info(), "shard_lens": seen, "refiner_lens": seen_refiner}
         if rank == 0:
-            print(f"layout {u}x{r} done at {time.time() - t0:.1f}s", flush=True)
-            torch.save({"results": results, "info": info}, os.path.join(out_dir, f"u{u}r{r}.pt"))
+            print(f"layout {_key(u, r, shard_refiner)} done at {time.time() - t0:.1f}s", flush=True)
+            torch.save({"results": results, "info": info}, os.path.join(out_dir, _key(u, r, shard_refiner) + ".pt"))
         sp.close()
 
 
@@ -85,8 +96,8 @@ def sp_results(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("sp")
     import torch.multiprocessing as mp
 
-    mp.start_processes(_worker, args=(str(tiny_dir), _free_ports(len(LAYOUTS)), str(out)), nprocs=NPROCS, join=True, start_method="spawn")
-    return {(u, r): torch.load(out / f"u{u}r{r}.pt") for u, r in LAYOUTS}
+    mp.start_processes(_worker, args=(str(tiny_dir), _free_ports(len(VARIANTS)), str(out)), nprocs=NPROCS, join=True, start_method="spawn")
+    return {v: torch.load(out / (_key(*v) + ".pt")) for v in VARIANTS}
 
 
 @pytest.fixture(scope="module")
@@ -95,16 +106,20 @@ def reference(tiny_dir):
     return {name: eng.denoise(reqs) for name, reqs in _requests(eng.cap_feat_dim).items()}
 
 
-@pytest.mark.parametrize("layout", LAYOUTS, ids=[f"ulysses{u}xring{r}" for u, r in LAYOUTS])
+@pytest.mark.parametrize("variant", VARIANTS, ids=[_key(*v) for v in VARIANTS])
 @pytest.mark.parametrize("case", ["single", "batch", "cfg_mixed"])
-def test_sp_matches_single_process(sp_results, reference, layout, case):
-    got = sp_results[layout]["results"][case]
-    info = sp_results[layout]["info"]
+def test_sp_matches_single_process(sp_results, reference, variant, case):
+    got = sp_results[variant]["results"][case]
+    info = sp_results[variant]["info"]
+    layout, shard_refiner = variant[:2], variant[2]
     assert (info["ulysses_degree"], info["ring_degree"]) == layout and info["backend"] == "gloo"
     assert info["attention"] == ("diffusers-ulysses" if layout[1] == 1 else "usp")
+    assert info["shards_noise_refiner"] == shard_refiner
     n = layout[0] * layout[1]
     # really sharded: the single request's 64 tokens (padded up to a multiple of n) over n ranks
     assert info["shard_lens"][0] == -(-64 // n), info["shard_lens"]
+    # its 32 image tokens through the last noise refiner: whole, or 1/n of them (padded)
+    assert info["refiner_lens"][0] == (-(-32 // n) if shard_refiner else 32), info["refiner_lens"]
     for ref, lat in zip(reference[case], got):
         assert lat.shape == ref.shape
         diff = (lat - ref).abs().max().item()
