@@ -22,6 +22,7 @@ class TextEncoderDeployment:
         self.encode.set_max_batch_size(cfg.text_encoder_deployment.max_batch_size)
         self.encode.set_batch_wait_timeout_s(cfg.text_encoder_deployment.batch_wait_timeout_s)
         self.engine.encode(["warm-up prompt"])
+        self.engine.warmup()
 
     def _encode(self, prompts: list[str]) -> list[EncodedPrompt]:
         t0 = time.perf_counter()
