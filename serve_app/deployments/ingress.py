@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 from ray.serve.handle import DeploymentHandle
 
@@ -70,7 +71,7 @@ class ImageIngress:
         self.denoiser = denoiser
         self.vae = vae
         self.inflight_images = 0
-        self.counters = {"requests": 0, "images": 0, "rejected_429": 0, "rejected_503": 0, "timeouts_504": 0, "errors_500": 0}
+        self.counters = {"requests": 0, "images": 0, "rejected_429": 0, "rejected_503": 0, "timeouts_504": 0, "worker_died_503": 0, "errors_500": 0}
         self._warm = False
 
     # ---- the Python handle API -------------------------------------------------------------
@@ -149,6 +150,15 @@ class ImageIngress:
             raise APIError(503, "a model stage is unavailable; retry later", code="unavailable") from None
         except (APIError, asyncio.CancelledError, RequestCancelledError):
             raise
+        except RayActorError as e:
+            # A stage's process died under this request: a replica, or one rank of an SP denoiser group
+            # (the replica re-raises the rank's ActorDiedError at once; Serve's health check then
+            # replaces the replica and its whole group). Transient: 503, retry.
+            self.counters["worker_died_503"] += 1
+            log.warning("a stage's worker died during a request: %s", type(e).__name__)
+            raise APIError(
+                503, "a model worker died during this request; the stage is being restarted, retry", code="worker_died", type="server_error"
+            ) from None
         except Exception as e:
             self.counters["errors_500"] += 1
             log.exception("generation failed")
