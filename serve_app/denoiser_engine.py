@@ -59,10 +59,16 @@ def initial_noise(seed: int, channels: int, height: int, width: int) -> torch.Te
     return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
 
 
-def group_by_shape(requests: list[DenoiseRequest]) -> dict[tuple, list[int]]:
+CAPTION_PAD = 32  # Z-Image pads each caption to a multiple of 32 tokens (its pad token is attended)
+
+
+def group_by_shape(requests: list[DenoiseRequest], same_caption_length: bool = False) -> dict[tuple, list[int]]:
+    """Indices of the requests that may share a DiT forward: same (height, width, steps), and with
+    `same_caption_length` also the same padded caption length, so that no forward needs a key mask."""
     groups: dict[tuple, list[int]] = collections.defaultdict(list)
     for i, r in enumerate(requests):
-        groups[r.shape_key].append(i)
+        key = r.shape_key + ((-(-r.embeds.shape[0] // CAPTION_PAD),) if same_caption_length else ())
+        groups[key].append(i)
     return dict(groups)
 
 
@@ -109,6 +115,7 @@ class DenoiserEngine:
         self.in_channels = self.transformer.config.in_channels
         self.cap_feat_dim = self.transformer.config.cap_feat_dim
         self.stats = DenoiserStats()
+        self.same_caption_length_batches = False  # set by the SP engine (see DenoiserConfig)
         self.acceleration = accelerate_transformer(self.transformer, cfg, self.device)
 
     def _scheduler(self, steps: int, image_seq_len: int):
@@ -141,7 +148,7 @@ class DenoiserEngine:
         for r in requests:
             self.validate(r)
         out: list[torch.Tensor | None] = [None] * len(requests)
-        for _, idx in group_by_shape(requests).items():
+        for _, idx in group_by_shape(requests, self.same_caption_length_batches).items():
             for i, latents in zip(idx, self._denoise_same_shape([requests[i] for i in idx])):
                 out[i] = latents
         return out  # type: ignore[return-value]
@@ -176,8 +183,13 @@ class DenoiserEngine:
         self.stats.record_batch(n)
         return list(latents.unbind(0))
 
-    def warmup(self, sizes: list[tuple[int, int]], steps: int = 1) -> None:
-        """Run one request per size so that compilation and kernel selection happen before traffic."""
-        embeds = torch.zeros(16, self.cap_feat_dim)
+    def warmup(self, sizes: list[tuple[int, int]], steps: int = 1, batch: int = 1) -> None:
+        """Run each size at batch 1, and at batch 2 when `batch` > 1, so that compilation and kernel
+        selection happen before traffic: a compiled block specialises on batch 1 and recompiles (~20 s
+        at 1024² on H200) the first time it sees more; the pair of different caption lengths also
+        warms the masked graph when batches may mix caption lengths."""
         for h, w in sizes:
-            self.denoise([DenoiseRequest(embeds=embeds, height=h, width=w, steps=steps, seed=0)])
+            self.denoise([DenoiseRequest(embeds=torch.zeros(16, self.cap_feat_dim), height=h, width=w, steps=steps, seed=0)])
+            if batch > 1:
+                lengths = (16, 16) if self.same_caption_length_batches else (16, 48)
+                self.denoise([DenoiseRequest(embeds=torch.zeros(n, self.cap_feat_dim), height=h, width=w, steps=steps, seed=0) for n in lengths])

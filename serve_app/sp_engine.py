@@ -100,6 +100,7 @@ class SequenceParallelDenoiser:
         self.cfg = cfg
         base = cfg.model_copy(update={"fp8": False, "compile": False})
         self.engine = DenoiserEngine(model_cfg, base, device=device)
+        self.engine.same_caption_length_batches = cfg.sp_same_caption_length_batches
         self.device = self.engine.device
         transformer = self.engine.transformer
         if sync_weights and self.world_size > 1:
@@ -147,8 +148,8 @@ class SequenceParallelDenoiser:
         """Every rank calls this with the same requests (same order); all get the same latents."""
         return self.engine.denoise(requests)
 
-    def warmup(self, sizes: list[tuple[int, int]], steps: int = 1) -> None:
-        self.engine.warmup(sizes, steps)
+    def warmup(self, sizes: list[tuple[int, int]], steps: int = 1, batch: int = 1) -> None:
+        self.engine.warmup(sizes, steps, batch)
 
     def check_collectives(self, timeout_s: float | None = None) -> None:
         check_collectives(self.device, timeout_s or self.cfg.collective_timeout_s)

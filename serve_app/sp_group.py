@@ -66,8 +66,8 @@ class SPRankWorker:
         latents = self.sp.denoise(requests)
         return [t.cpu() for t in latents] if self.rank == 0 else None  # the others hold the same values
 
-    def warmup(self, sizes: list[tuple[int, int]], steps: int = 1) -> None:
-        self.sp.warmup([tuple(s) for s in sizes], steps)
+    def warmup(self, sizes: list[tuple[int, int]], steps: int = 1, batch: int = 1) -> None:
+        self.sp.warmup([tuple(s) for s in sizes], steps, batch)
 
     @ray.method(concurrency_group="health")
     def ping(self) -> int:
@@ -164,9 +164,9 @@ class SPGroup:
             reqs = ray.put([_on_cpu(r) for r in requests])
             return (await asyncio.gather(*self._refs("denoise", reqs)))[0]
 
-    def warmup(self, sizes: list[tuple[int, int]], steps: int = 1) -> None:
+    def warmup(self, sizes: list[tuple[int, int]], steps: int = 1, batch: int = 1) -> None:
         with self._busy():
-            _get_all(self._refs("warmup", [tuple(s) for s in sizes], steps), None)
+            _get_all(self._refs("warmup", [tuple(s) for s in sizes], steps, batch), None)
 
     def check_health(self, timeout_s: float | None = None) -> None:
         """Raise if a rank is dead (RayActorError) or a tiny all_reduce does not finish in time

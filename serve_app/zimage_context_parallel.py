@@ -63,10 +63,11 @@ def zimage_cp_plan(transformer, shard_noise_refiner: bool = False) -> dict:
 
     plan: dict = blocks("layers")
     if shard_noise_refiner:
-        # The image tokens alone, sharded through both noise refiners and gathered after the last one;
-        # `_build_unified_sequence` slices each sample to its length, so a trailing SP pad never leaks.
+        # The image tokens alone, sharded through both noise refiners; gathered after the last one by
+        # `_gather_seq_hook` (not diffusers' gather: its dim-1 all-gather does not trace inside the
+        # compiled block). `_build_unified_sequence` slices each sample to its length, so a trailing SP
+        # pad never leaks.
         plan.update(blocks("noise_refiner"))
-        plan[f"noise_refiner.{len(transformer.noise_refiner) - 1}"] = ContextParallelOutput(gather_dim=1, expected_dims=3)
     for key in transformer.all_final_layer.keys():  # one per patch size, "2-1" for Z-Image
         plan[f"all_final_layer.{key}"] = ContextParallelOutput(gather_dim=1, expected_dims=3)
     return plan
@@ -404,12 +405,24 @@ def enable_sequence_parallel(
             block.attention.set_processor(ZImageUSPAttnProcessor(cp, backend_name))
 
     _prime_split_hooks(transformer)
+    if shard_noise_refiner:
+        transformer.noise_refiner[-1].register_forward_hook(_gather_seq_hook(cp._flattened_mesh.get_group(), n))
     pads = not ulysses_anything
     if pads:
         for block in sharded:
             block.register_forward_pre_hook(_make_pad_hook(n), with_kwargs=True)
     attention_kind = "usp" if use_usp else ("diffusers-ulysses-anything" if ulysses_anything else "diffusers-ulysses")
     return SPInfo(ulysses_degree, ring_degree, attention_kind, pads, mesh, shard_noise_refiner)
+
+
+def _gather_seq_hook(group, n: int):
+    """Forward hook: [B, S/n, D] shards -> [B, S, D] in rank order, through a dim-0 all-gather (which
+    Dynamo traces; a dim-1 one hits a helper it refuses to trace)."""
+
+    def hook(module, args, output):
+        return torch.cat(_all_gather_dim0(output, group, n), dim=1)
+
+    return hook
 
 
 def _prime_split_hooks(transformer) -> None:

@@ -76,7 +76,8 @@ def _worker(rank: int, tiny_dir: str, ports: list[int], out_dir: str) -> None:
         if rank >= n:
             continue
         init_sp_process_group(rank, n, "127.0.0.1", port, timeout_s=120)
-        cfg = DenoiserConfig(ulysses_degree=u, ring_degree=r, sp_shard_noise_refiner=shard_refiner)
+        # mixed caption lengths share forwards (key masks through the sharded attention)
+        cfg = DenoiserConfig(ulysses_degree=u, ring_degree=r, sp_shard_noise_refiner=shard_refiner, sp_same_caption_length_batches=False)
         sp = SequenceParallelDenoiser(model_cfg, cfg)
         seen: list[int] = []  # sequence length the last main block really sees (its shard)
         sp.transformer.layers[-1].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
@@ -143,3 +144,13 @@ def test_layout_choice_and_clear_errors(tiny_dir):
     with pytest.raises(ValueError, match="needs ring_degree 1"):
         enable_sequence_parallel(t, 2, 2, ulysses_anything=True)
     assert enable_sequence_parallel(t, 1, 1).attention == "none"
+
+
+def test_same_caption_length_batches_never_need_a_mask():
+    from serve_app.denoiser_engine import group_by_shape
+
+    reqs = [DenoiseRequest(embeds=torch.zeros(n, 8), height=h, width=64, steps=2, seed=0) for n, h in
+            ((7, 64), (30, 64), (33, 64), (64, 64), (70, 64), (7, 128))]
+    assert list(group_by_shape(reqs).values()) == [[0, 1, 2, 3, 4], [5]]
+    # Z-Image pads captions to multiples of 32: 7 and 30 -> 32, 33 and 64 -> 64, 70 -> 96
+    assert list(group_by_shape(reqs, same_caption_length=True).values()) == [[0, 1], [2, 3], [4], [5]]

@@ -43,7 +43,8 @@ def _requests(cap_dim: int) -> list[DenoiseRequest]:
 def _cfg(tiny_dir, **denoiser) -> AppConfig:
     return AppConfig(
         model=ModelConfig(source="tiny", tiny_dir=str(tiny_dir)),
-        denoiser=DenoiserConfig(collective_timeout_s=60, **denoiser),
+        # the two requests' different caption lengths share each forward (a masked batch)
+        denoiser=DenoiserConfig(collective_timeout_s=60, sp_same_caption_length_batches=False, **denoiser),
     )
 
 

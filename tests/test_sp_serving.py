@@ -83,6 +83,10 @@ def sp_args(tiny_dir, variant: str) -> dict:
         "vae_deployment": {"num_cpus": 0.1, "max_batch_size": 4},
         "ingress_deployment": {"num_cpus": 0.1, "max_ongoing_requests": 64, "max_queued_requests": 64},
     }
+    if variant == "sp4":
+        # mixed caption lengths in one forward (a key mask through Ulysses x ring); sp2 keeps the default,
+        # which batches only captions of one padded length
+        args["denoiser"]["sp_same_caption_length_batches"] = False
     if variant == "sp2":
         cfg = _config_args("configs/random-full-sp2.yaml")
         for stage in ("text_encoder_deployment", "denoiser_deployment", "vae_deployment"):

@@ -31,7 +31,7 @@ class DenoiserDeployment:
         self.stats_ = StageStats(self.engine.device)
         self.denoise.set_max_batch_size(cfg.denoiser_deployment.max_batch_size)
         self.denoise.set_batch_wait_timeout_s(cfg.denoiser_deployment.batch_wait_timeout_s)
-        self.engine.warmup(cfg.denoiser.warmup_sizes or [(64, 64)])
+        self.engine.warmup(cfg.denoiser.warmup_sizes or [(64, 64)], batch=min(2, cfg.denoiser_deployment.max_batch_size))
 
     def _denoise(self, prompts: list[EncodedPrompt], negatives: list[EncodedPrompt | None], jobs: list[DenoiseJob]) -> list[DenoisedLatents]:
         t0 = time.perf_counter()
