@@ -17,6 +17,8 @@ for mode in ${MODES:-eager compiled}; do
 done
 for config in "$@"; do
   name=$(basename $config .yaml)
+  # a 1-GPU config sees one GPU, as on a 1-GPU host (else Ray spreads its stages over the host's GPUs)
+  case $name in *1gpu*) export CUDA_VISIBLE_DEVICES=0 ;; *) unset CUDA_VISIBLE_DEVICES ;; esac
   timeout ${SERVE_TIMEOUT:-200} python benchmarks/compare.py --config $config --only server --commit $commit --label "serve $config" \
       --c1-requests 6 --cn-requests 16 --concurrency 8 --cn-warmup 2 --output-format jpeg --ray-logs \
       --out $OUT/serve-$name.json > $OUT/serve-$name.log 2>&1
