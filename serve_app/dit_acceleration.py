@@ -1,4 +1,9 @@
-"""Speed switches for the DiT, each set in `DenoiserConfig` and measured on and off in benchmarks/."""
+"""Speed switches for the DiT, each set in `DenoiserConfig` and measured on and off in benchmarks/.
+
+What is asked for is checked against the chip the replica landed on (`serve_app.platform`): an attention
+backend that cannot run here, FP8 without FP8 matrix cores, compile on CPU all fall back with a warning,
+and the FP8 format follows the chip (e4m3fn on H100/H200/B200/MI355X, e4m3fnuz on MI300X/MI325X).
+"""
 
 from __future__ import annotations
 
@@ -8,44 +13,47 @@ import os
 import torch
 
 from serve_app.config import DenoiserConfig
+from serve_app.platform import EngineSettings, choose_engine_settings, detect_platform
 
 log = logging.getLogger(__name__)
 
-
-def fp8_supported(device: torch.device) -> bool:
-    """FP8 tensor cores: NVIDIA compute capability 8.9+ (Ada, Hopper, Blackwell); MI300-class on ROCm."""
-    if device.type != "cuda":
-        return False
-    if torch.version.hip:
-        return "gfx94" in torch.cuda.get_device_properties(device).gcnArchName or "gfx95" in torch.cuda.get_device_properties(device).gcnArchName
-    return torch.cuda.get_device_capability(device) >= (8, 9)
+DEFAULT_ATTENTION_BACKEND = "native"  # diffusers' default: torch SDPA
 
 
-def accelerate_transformer(transformer, cfg: DenoiserConfig, device: torch.device) -> dict:
-    """Apply the configured attention backend, FP8 and regional compilation; return what was applied."""
-    applied: dict = {"attention_backend": None, "fp8": False, "compile": False}
-    if cfg.attention_backend:
+def engine_settings(cfg: DenoiserConfig, device: torch.device) -> EngineSettings:
+    return choose_engine_settings(detect_platform(device), cfg)
+
+
+def accelerate_transformer(transformer, cfg: DenoiserConfig, device: torch.device, settings: EngineSettings | None = None) -> dict:
+    """Apply the attention backend, FP8 and regional compilation that `settings` (default: chosen for
+    `device` from `cfg`) picked; return what was applied, with the choice itself under "engine"."""
+    settings = settings or engine_settings(cfg, device)
+    applied: dict = {"attention_backend": None, "fp8": False, "compile": False, "engine": settings.as_dict()}
+    if settings.attention_backend != DEFAULT_ATTENTION_BACKEND:
         try:
-            transformer.set_attention_backend(cfg.attention_backend)
-            applied["attention_backend"] = cfg.attention_backend
+            transformer.set_attention_backend(settings.attention_backend)
+            applied["attention_backend"] = settings.attention_backend
         except Exception as e:  # an unavailable backend must not take the replica down
-            log.warning("attention backend %r unavailable (%s); keeping the default", cfg.attention_backend, e)
-    if cfg.fp8:
-        if fp8_supported(device):
-            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+            log.warning("attention backend %r unavailable (%s); keeping the default", settings.attention_backend, e)
+            applied["engine"]["warnings"].append(f"attention backend {settings.attention_backend!r} failed: {e}")
+    if settings.fp8:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
-            # Only the big linears inside the transformer blocks; the embedders and final layer stay bf16.
-            def _in_blocks(module, fqn):
-                return isinstance(module, torch.nn.Linear) and fqn.startswith(("layers.", "noise_refiner.", "context_refiner."))
+        # Only the big linears inside the transformer blocks; the embedders and final layer stay bf16.
+        def _in_blocks(module, fqn):
+            return isinstance(module, torch.nn.Linear) and fqn.startswith(("layers.", "noise_refiner.", "context_refiner."))
 
-            quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=_in_blocks)
-            applied["fp8"] = True
-        else:
-            log.warning("fp8 requested but %s has no FP8 support; running in %s", device, transformer.dtype)
-    if cfg.compile:
-        if cfg.compile_cache_dir:
-            os.makedirs(cfg.compile_cache_dir, exist_ok=True)
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = cfg.compile_cache_dir
+        fp8 = settings.torch_fp8_dtype
+        quantize_(
+            transformer,
+            Float8DynamicActivationFloat8WeightConfig(activation_dtype=fp8, weight_dtype=fp8, granularity=PerRow()),
+            filter_fn=_in_blocks,
+        )
+        applied["fp8"] = True
+    if settings.compile.enabled:
+        if settings.compile.cache_dir:
+            os.makedirs(settings.compile.cache_dir, exist_ok=True)
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = settings.compile.cache_dir
             os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
             os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
         # One block class serves the noise refiners (modulated, image tokens), the context refiners
@@ -53,6 +61,6 @@ def accelerate_transformer(transformer, cfg: DenoiserConfig, device: torch.devic
         # than Dynamo's default limit of 8 once shapes vary.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 512)
-        transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
+        transformer.compile_repeated_blocks(fullgraph=settings.compile.fullgraph, dynamic=settings.compile.dynamic)
         applied["compile"] = True
     return applied

@@ -22,7 +22,8 @@ import torch.distributed as dist
 
 from serve_app.config import DenoiserConfig, ModelConfig
 from serve_app.denoiser_engine import DenoiseRequest, DenoiserEngine
-from serve_app.dit_acceleration import accelerate_transformer
+from serve_app.dit_acceleration import DEFAULT_ATTENTION_BACKEND, accelerate_transformer
+from serve_app.platform import collective_for, detect_platform
 from serve_app.zimage_context_parallel import SPInfo, choose_layout, enable_sequence_parallel
 
 log = logging.getLogger(__name__)
@@ -44,15 +45,18 @@ def init_sp_process_group(
     defaults to `rank % visible GPUs`, which is 0 in a Ray actor that sees only its own GPU.
     `timeout_s` bounds the rendezvous and every collective (NCCL/gloo watchdog)."""
     use_cuda = torch.cuda.is_available() and backend in (None, "nccl")
-    backend = backend or ("nccl" if use_cuda else "gloo")
     if use_cuda:
-        # NVLink SHARP / multicast off unless the caller chose otherwise (not available on every host).
-        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
         local_rank = rank % torch.cuda.device_count() if local_rank is None else local_rank
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+    # NCCL / RCCL / gloo by vendor, and the environment it wants (NCCL: NVLink multicast off; RCCL:
+    # hipBLASLt, device kernel args), never overriding what the operator set.
+    chosen, env = collective_for(detect_platform(device))
+    backend = backend or chosen
+    for k, v in env.items():
+        os.environ.setdefault(k, v)
     if dist.is_initialized():
         raise RuntimeError("a default process group already exists in this process")
     dist.init_process_group(
@@ -119,8 +123,14 @@ class SequenceParallelDenoiser:
             shard_noise_refiner=cfg.sp_shard_noise_refiner,
         )
         if cfg.fp8 or cfg.compile:
-            applied = accelerate_transformer(transformer, cfg.model_copy(update={"attention_backend": None}), self.device)
-            self.engine.acceleration.update({k: v for k, v in applied.items() if k != "attention_backend"})
+            # the attention backend was chosen with the engine, before the plan; keep it (diffusers'
+            # set_attention_backend would reach the Ulysses processors too)
+            applied = accelerate_transformer(transformer, cfg.model_copy(update={"attention_backend": DEFAULT_ATTENTION_BACKEND}), self.device)
+            acc = self.engine.acceleration
+            acc.update(fp8=applied["fp8"], compile=applied["compile"])
+            for key in ("fp8", "fp8_dtype", "compile"):
+                acc["engine"][key] = applied["engine"][key]
+            acc["engine"]["warnings"] += applied["engine"]["warnings"]
 
     @property
     def stats(self):

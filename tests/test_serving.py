@@ -218,6 +218,14 @@ def test_models_health_and_openapi(serve_app):
     assert "/v1/images/generations" in schema["paths"]
 
 
+def test_stats_report_each_stage_platform_and_the_engine_choice(serve_app):
+    stats = _stats()
+    for stage in ("text_encoder", "denoiser", "vae"):
+        assert stats[stage]["platform"]["vendor"] == "cpu", stats[stage]
+    engine = stats["denoiser"]["engine"]["engine"]
+    assert (engine["attention_backend"], engine["fp8"], engine["collective_backend"]) == ("native", False, "gloo")
+
+
 def test_request_timeout_gives_504_and_frees_the_server(serve_app, tiny_dir):
     from ray import serve
 

@@ -65,7 +65,10 @@ class DenoiserDeployment:
         return await asyncio.to_thread(self._denoise, prompts, negatives, jobs)
 
     def stats(self) -> dict:
-        return {**self.stats_.snapshot(), **self.engine.stats.snapshot()}
+        # "engine": what was picked for this chip (attention backend, FP8 and its dtype, compile,
+        # collective backend) and every fallback taken; for an SP group, rank 0's
+        acceleration = self.engine.info()[0]["acceleration"] if hasattr(self.engine, "rank_info") else self.engine.acceleration
+        return {**self.stats_.snapshot(), **self.engine.stats.snapshot(), "engine": acceleration}
 
     def ready(self) -> bool:
         return True

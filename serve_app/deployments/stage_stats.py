@@ -12,7 +12,10 @@ import torch
 
 class StageStats:
     def __init__(self, device: torch.device):
+        from serve_app.platform import detect_platform
+
         self.device = device
+        self.platform = detect_platform(device).as_dict()  # vendor, chip, arch: what the replica landed on
         self._lock = threading.Lock()
         self.batches = 0
         self.items = 0
@@ -32,6 +35,7 @@ class StageStats:
             return {
                 "pid": os.getpid(),
                 "device": str(self.device),
+                "platform": self.platform,
                 "batches": self.batches,
                 "items": self.items,
                 "busy_s": round(self.busy_s, 4),
