@@ -176,7 +176,10 @@ def test_overload_is_rejected_then_server_recovers(serve_app, tiny_dir):
     from serve_app.app import build_app
 
     # 10 images may be in flight in the ingress (then 429); the denoiser takes 2 ongoing + 1 queued (then 503).
+    # The text encoder collects its batch for 1 s, so all 14 requests are in flight at the ingress at once
+    # (4 of them 429) before any 503 frees a slot.
     args = tiny_args(tiny_dir, server={"max_inflight_images": 10},
+                     text_encoder_deployment={"max_batch_size": 16, "batch_wait_timeout_s": 1.0},
                      denoiser_deployment={"max_batch_size": 2, "max_ongoing_requests": 2, "max_queued_requests": 1})
     serve.run(build_app(args), name="overload", route_prefix="/overload")
     base = BASE + "/overload"

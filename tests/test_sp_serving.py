@@ -313,24 +313,11 @@ def _check_images(variant: str, reference: dict) -> None:
     print(f"{variant}: (max |diff|, values off) per image vs SP 1: {measured}")
 
 
-def test_sp4_serves_the_sp1_image(apps, reference):
-    apps.use("sp4")
-    _check_images("sp4", reference)
-
-
-def test_sp4_replica_reserves_one_strict_pack_group_of_1_plus_4_bundles(apps):
-    app = apps.use("sp4")
-    _assert_group(app, 4, _rank_gpus("sp4"))
-
-
-def test_sp2_serves_the_sp1_image(apps, reference):
-    apps.use("sp2")
-    _check_images("sp2", reference)
-
-
-def test_sp2_replica_reserves_one_strict_pack_group_of_1_plus_2_bundles(apps):
-    app = apps.use("sp2")
-    _assert_group(app, 2, _rank_gpus("sp2"))
+@pytest.mark.parametrize("variant, n", [("sp4", 4), ("sp2", 2)])
+def test_sp_replica_holds_one_strict_pack_group_and_serves_the_sp1_image(apps, reference, variant, n):
+    app = apps.use(variant)
+    _assert_group(app, n, _rank_gpus(variant))  # 1 + n bundles, STRICT_PACK, n live ranks in it
+    _check_images(variant, reference)
 
 
 def test_sp2_killed_rank_fails_the_request_in_flight_and_serve_replaces_the_group(apps, reference):
