@@ -13,21 +13,17 @@ import os
 import torch
 
 from serve_app.config import DenoiserConfig
-from serve_app.platform import EngineSettings, choose_engine_settings, detect_platform
+from serve_app.platform import choose_engine_settings, detect_platform
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ATTENTION_BACKEND = "native"  # diffusers' default: torch SDPA
 
 
-def engine_settings(cfg: DenoiserConfig, device: torch.device) -> EngineSettings:
-    return choose_engine_settings(detect_platform(device), cfg)
-
-
-def accelerate_transformer(transformer, cfg: DenoiserConfig, device: torch.device, settings: EngineSettings | None = None) -> dict:
-    """Apply the attention backend, FP8 and regional compilation that `settings` (default: chosen for
-    `device` from `cfg`) picked; return what was applied, with the choice itself under "engine"."""
-    settings = settings or engine_settings(cfg, device)
+def accelerate_transformer(transformer, cfg: DenoiserConfig, device: torch.device) -> dict:
+    """Apply the attention backend, FP8 and regional compilation chosen for `device` from `cfg`; return
+    what was applied, with the choice itself (and its fallbacks) under "engine"."""
+    settings = choose_engine_settings(detect_platform(device), cfg)
     applied: dict = {"attention_backend": None, "fp8": False, "compile": False, "engine": settings.as_dict()}
     if settings.attention_backend != DEFAULT_ATTENTION_BACKEND:
         try:

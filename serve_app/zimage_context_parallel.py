@@ -4,7 +4,7 @@ diffusers 0.42 ships no `_cp_plan` for `ZImageTransformer2DModel`; `zimage_cp_pl
 to one forward (every rank runs the same forward on the same inputs):
 
   patchify, embedders, 2 context refiners (caption tokens): UNSHARDED, on every rank (short sequences).
-  2 noise refiners (image tokens): unsharded by default; with `shard_noise_refiner` split on dim 1 like
+  2 noise refiners (image tokens): with `shard_noise_refiner` (on in `DenoiserConfig`) split on dim 1 like
       the main blocks (own Ulysses / ring attention, pad to the degree) and gathered after the last one.
       At 1024² they are ~6% of a forward: left whole they cap SP 2 at ~1.9x and SP 4 at ~3.4x (Amdahl).
   unified sequence [image tokens | caption tokens] (each padded to a multiple of 32 by Z-Image, the
