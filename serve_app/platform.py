@@ -370,7 +370,7 @@ def choose_engine_settings(platform: PlatformInfo, denoiser_cfg, *, importable: 
         if supported_dtype is None:
             what = platform.chip or platform.device_name or platform.vendor
             warn(f"fp8 requested but {what} ({platform.arch or platform.vendor}) has no FP8 matrix cores; running without FP8")
-        elif not importable("torchao"):
+        elif getattr(denoiser_cfg, "fp8_impl", "native") == "torchao" and not importable("torchao"):
             warn("fp8 requested but torchao is not installed; running without FP8")
         else:
             fp8, fp8_dtype = True, supported_dtype
@@ -384,7 +384,12 @@ def choose_engine_settings(platform: PlatformInfo, denoiser_cfg, *, importable: 
     elif compile_requested and platform.vendor == "amd" and not importable("triton"):
         compile_enabled = False
         warn("compile requested but triton (pytorch-triton-rocm) is not installed; running eager")
-    compile_settings = CompileSettings(enabled=compile_enabled, cache_dir=getattr(denoiser_cfg, "compile_cache_dir", None))
+    compile_settings = CompileSettings(
+        enabled=compile_enabled,
+        dynamic=bool(getattr(denoiser_cfg, "compile_dynamic", True)),
+        mode=getattr(denoiser_cfg, "compile_mode", None),
+        cache_dir=getattr(denoiser_cfg, "compile_cache_dir", None),
+    )
 
     backend, env = collective_for(platform)
     return EngineSettings(

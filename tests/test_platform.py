@@ -104,10 +104,14 @@ def test_unavailable_attention_backend_falls_back(caplog):
     assert settings(MI300X, attention_backend="NATIVE").attention_backend == "native"
 
 
-def test_fp8_needs_torchao(caplog):
-    s = choose_engine_settings(detect_platform(torch_info=H100), DenoiserConfig(fp8=True),
+def test_fp8_torchao_impl_needs_torchao(caplog):
+    s = choose_engine_settings(detect_platform(torch_info=H100), DenoiserConfig(fp8=True, fp8_impl="torchao"),
                                importable=lambda name: False, diffusers_backends=ALL_BACKENDS)
     assert not s.fp8 and s.fp8_supported_dtype == "float8_e4m3fn" and "torchao" in s.warnings[0]
+    # the native FP8 linears need nothing beyond torch
+    s = choose_engine_settings(detect_platform(torch_info=H100), DenoiserConfig(fp8=True),
+                               importable=lambda name: False, diffusers_backends=ALL_BACKENDS)
+    assert s.fp8 and s.fp8_dtype == "float8_e4m3fn"
 
 
 def test_simulated_cpu():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from ray import serve
 
@@ -31,7 +32,11 @@ class DenoiserDeployment:
         self.stats_ = StageStats(self.engine.device)
         self.denoise.set_max_batch_size(cfg.denoiser_deployment.max_batch_size)
         self.denoise.set_batch_wait_timeout_s(cfg.denoiser_deployment.batch_wait_timeout_s)
-        self.engine.warmup(cfg.denoiser.warmup_sizes or [(64, 64)], batch=min(2, cfg.denoiser_deployment.max_batch_size))
+        # One thread runs every forward, warm-up included: CUDA graphs (compile_mode "reduce-overhead")
+        # are recorded and replayed per thread, and batches run one at a time anyway.
+        self._gpu_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="denoiser")
+        warmup_sizes = cfg.denoiser.warmup_sizes or [(64, 64)]
+        self._gpu_thread.submit(self.engine.warmup, warmup_sizes, batch=min(2, cfg.denoiser_deployment.max_batch_size)).result()
 
     def _denoise(self, prompts: list[EncodedPrompt], negatives: list[EncodedPrompt | None], jobs: list[DenoiseJob]) -> list[DenoisedLatents]:
         t0 = time.perf_counter()
@@ -62,7 +67,7 @@ class DenoiserDeployment:
     async def denoise(
         self, prompts: list[EncodedPrompt], negatives: list[EncodedPrompt | None], jobs: list[DenoiseJob]
     ) -> list[DenoisedLatents]:
-        return await asyncio.to_thread(self._denoise, prompts, negatives, jobs)
+        return await asyncio.get_running_loop().run_in_executor(self._gpu_thread, self._denoise, prompts, negatives, jobs)
 
     def stats(self) -> dict:
         # "engine": what was picked for this chip (attention backend, FP8 and its dtype, compile,
