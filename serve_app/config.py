@@ -57,8 +57,6 @@ class DenoiserConfig(_Strict):
     # True: one graph per block class for every size and batch; False: a graph per shape (warm each
     # served size), which lets Inductor specialise its kernels
     compile_dynamic: bool = True
-    # None: inductor's default; "reduce-overhead": CUDA graphs of each block per shape (less CPU launch work)
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] | None = None
     fp8: bool = False  # FP8 linears (dynamic per-token activation, per-row weight scales) where the chip has FP8
     # "native": serve_app.fp8_linear (plain tensors: one compiled graph for all blocks);
     # "torchao": torchao's Float8DynamicActivationFloat8WeightConfig (its first compile took > 330 s on H100)

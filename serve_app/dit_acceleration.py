@@ -61,8 +61,6 @@ def accelerate_transformer(transformer, cfg: DenoiserConfig, device: torch.devic
         # than Dynamo's default limit of 8 once shapes vary.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 512)
-        transformer.compile_repeated_blocks(
-            fullgraph=settings.compile.fullgraph, dynamic=settings.compile.dynamic, mode=settings.compile.mode
-        )
+        transformer.compile_repeated_blocks(fullgraph=settings.compile.fullgraph, dynamic=settings.compile.dynamic)
         applied["compile"] = True
     return applied

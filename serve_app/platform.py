@@ -387,7 +387,6 @@ def choose_engine_settings(platform: PlatformInfo, denoiser_cfg, *, importable: 
     compile_settings = CompileSettings(
         enabled=compile_enabled,
         dynamic=bool(getattr(denoiser_cfg, "compile_dynamic", True)),
-        mode=getattr(denoiser_cfg, "compile_mode", None),
         cache_dir=getattr(denoiser_cfg, "compile_cache_dir", None),
     )
 

@@ -1,10 +1,9 @@
-"""DiT-denoiser deployment: batches jobs, runs each shape group through one batched DiT forward per
+"""DiT-denoiser deployment: batches jobs (serve_app/deployments/gpu_batcher.py), runs each shape group through one batched DiT forward per
 step. With ulysses_degree x ring_degree > 1 the replica drives a sequence-parallel group of rank
 workers placed in the replica's own placement group (see serve_app/sp_group.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,6 +11,7 @@ from ray import serve
 
 from serve_app.config import AppConfig
 from serve_app.denoiser_engine import DenoiseRequest, DenoiserEngine
+from serve_app.deployments.gpu_batcher import GpuBatcher
 from serve_app.deployments.stage_stats import StageStats
 from serve_app.stage_messages import DenoisedLatents, DenoiseJob, EncodedPrompt
 
@@ -30,16 +30,16 @@ class DenoiserDeployment:
         else:
             self.engine = DenoiserEngine(cfg.model, cfg.denoiser)
         self.stats_ = StageStats(self.engine.device)
-        self.denoise.set_max_batch_size(cfg.denoiser_deployment.max_batch_size)
-        self.denoise.set_batch_wait_timeout_s(cfg.denoiser_deployment.batch_wait_timeout_s)
-        # One thread runs every forward, warm-up included: CUDA graphs (compile_mode "reduce-overhead")
-        # are recorded and replayed per thread, and batches run one at a time anyway.
+        # One thread runs every forward, warm-up included (batches run one at a time anyway); the next batch is formed when that thread is free.
         self._gpu_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="denoiser")
+        opts = cfg.denoiser_deployment
+        self._batcher = GpuBatcher(self._denoise, self._gpu_thread, opts.max_batch_size, opts.batch_wait_timeout_s)
         warmup_sizes = cfg.denoiser.warmup_sizes or [(64, 64)]
-        self._gpu_thread.submit(self.engine.warmup, warmup_sizes, batch=min(2, cfg.denoiser_deployment.max_batch_size)).result()
+        self._gpu_thread.submit(self.engine.warmup, warmup_sizes, batch=min(2, opts.max_batch_size)).result()
 
-    def _denoise(self, prompts: list[EncodedPrompt], negatives: list[EncodedPrompt | None], jobs: list[DenoiseJob]) -> list[DenoisedLatents]:
+    def _denoise(self, items: list[tuple[EncodedPrompt, EncodedPrompt | None, DenoiseJob]]) -> list[DenoisedLatents]:
         t0 = time.perf_counter()
+        prompts, negatives, jobs = zip(*items)
         reqs = [
             DenoiseRequest(
                 embeds=p.embeds,
@@ -63,11 +63,8 @@ class DenoiserDeployment:
             out.append(DenoisedLatents(latents=lat, timings={**timings, "denoiser_s": dt, "denoiser_batch": len(jobs)}))
         return out
 
-    @serve.batch
-    async def denoise(
-        self, prompts: list[EncodedPrompt], negatives: list[EncodedPrompt | None], jobs: list[DenoiseJob]
-    ) -> list[DenoisedLatents]:
-        return await asyncio.get_running_loop().run_in_executor(self._gpu_thread, self._denoise, prompts, negatives, jobs)
+    async def denoise(self, prompt: EncodedPrompt, negative: EncodedPrompt | None, job: DenoiseJob) -> DenoisedLatents:
+        return await self._batcher.submit((prompt, negative, job))
 
     def stats(self) -> dict:
         # "engine": what was picked for this chip (attention backend, FP8 and its dtype, compile,

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The one-GPU fast-path measurements in one device call (each part has its own time limit, writes its JSON
+# to $OUT, and a failed part does not stop the next):
+#   PARTS="fp8 bf16 b512" bash benchmarks/gpu_fast_path.sh <commit>
+#   fp8   diffusers ZImagePipeline vs our pipeline vs our server (c=1, c=20), FP8 DiT, 1024²
+#   bf16  the same without FP8 (pipeline and server only: diffusers is the same as in fp8)
+#   b512  the FP8 server at 512², c=32: every stage at max_batch_size 1, then DiT batches of up to 8
+# Run from the repository root on the device, after the line bundle.sh prints.
+set -u
+COMMIT=${1:-unknown}
+PARTS=${PARTS:-"fp8 bf16 b512"}
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+CFG=configs/random-full-1gpu.yaml
+COMMON=(--config $CFG --output-format jpeg --commit "$COMMIT")
+B512=(--only server --size 512x512 --c1-requests 8 --cn-requests 96 --concurrency 32 --cn-warmup 16
+      --set 'denoiser.warmup_sizes=[[512,512]]' --set denoiser.fp8=true
+      --set denoiser_deployment.max_ongoing_requests=16 --set text_encoder_deployment.max_ongoing_requests=64)
+
+part() {  # name, time limit, compare.py arguments...
+  local name=$1 limit=$2; shift 2
+  echo "=== $name (limit ${limit}s) $(date +%T)"
+  timeout "$limit" python benchmarks/compare.py "$@" --out "$OUT/compare-$name.json" > "$OUT/compare-$name.log" 2>&1
+  echo "rc=$?"
+  grep -A14 "^=====" "$OUT/compare-$name.log" | head -30
+}
+
+for p in $PARTS; do
+  case $p in
+    fp8) part fp8 340 "${COMMON[@]}" --set denoiser.fp8=true --runs 4 --warmup 1 --c1-requests 8 --cn-requests 40 --label "fp8 + vae compile" ;;
+    bf16) part bf16 230 "${COMMON[@]}" --only pipeline,server --runs 3 --warmup 1 --c1-requests 8 --cn-requests 30 --label "bf16 + vae compile" ;;
+    b512) part b512-batch1 170 "${COMMON[@]}" "${B512[@]}" --label "512 fp8, every stage batch 1" \
+            --set denoiser_deployment.max_batch_size=1 --set text_encoder_deployment.max_batch_size=1 --set vae_deployment.max_batch_size=1
+          part b512-batch8 170 "${COMMON[@]}" "${B512[@]}" --label "512 fp8, DiT batches up to 8" --set denoiser_deployment.max_batch_size=8 ;;
+  esac
+done

@@ -1,0 +1,69 @@
+"""Batching for a stage whose batches run one at a time on one GPU thread.
+
+Ray Serve's `@serve.batch` forms the next batch while the current one still runs (it waits
+`batch_wait_timeout_s` for arrivals, then queues that batch for the single execution slot), so under
+load a long-running DiT batch is followed by a batch of one or two, and everything that arrived during
+the run waits for the batch after that (measured on H100 at c=20, 1024²: 320 of 320 DiT forwards at
+batch 1 with a 0 s wait). Here the next batch is formed when the GPU thread is free: after the first
+request, wait up to `wait_timeout_s` for more, then take everything queued, up to `max_batch_size`.
+Idle, a request starts after at most `wait_timeout_s`; loaded, batches fill with what queued meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import Executor
+from typing import Any, Callable
+
+
+class GpuBatcher:
+    def __init__(self, fn: Callable[[list], list], executor: Executor, max_batch_size: int, wait_timeout_s: float):
+        self.fn = fn  # list of items -> list of results, same order; runs in `executor`
+        self.executor = executor
+        self.max_batch_size = max_batch_size
+        self.wait_timeout_s = wait_timeout_s
+        self._queue: asyncio.Queue | None = None
+        self._loop_task: asyncio.Task | None = None
+
+    async def submit(self, item: Any) -> Any:
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((item, fut))
+        return await fut  # cancelling the caller cancels `fut`: a queued item is then dropped
+
+    async def _next_batch(self) -> list[tuple[Any, asyncio.Future]]:
+        assert self._queue is not None
+        batch = [await self._queue.get()]
+        deadline = asyncio.get_running_loop().time() + self.wait_timeout_s
+        while len(batch) < self.max_batch_size:
+            if self._queue.empty():
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                except asyncio.TimeoutError:
+                    break
+            else:
+                batch.append(self._queue.get_nowait())
+        return [(item, fut) for item, fut in batch if not fut.done()]
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._next_batch()
+            if not batch:
+                continue
+            try:
+                results = await loop.run_in_executor(self.executor, self.fn, [item for item, _ in batch])
+            except Exception as e:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(e)
+                continue
+            for (_, fut), result in zip(batch, results):
+                if not fut.done():
+                    fut.set_result(result)
