@@ -88,3 +88,22 @@ def test_never_more_than_max_batch_size(max_batch):
     results, batches = asyncio.run(main())
     assert results == [i * 10 for i in range(7)]
     assert max(len(x) for x in batches) == max_batch and sum(len(x) for x in batches) == 7
+
+
+def test_a_cost_bound_splits_batches_and_keeps_fifo_order():
+    async def main():
+        batches: list = []
+
+        def fn(items):
+            batches.append(list(items))
+            time.sleep(0.05)
+            return items
+
+        # cost = the item itself; at most 4 per batch and a cost of 10 per batch
+        b = GpuBatcher(fn, ThreadPoolExecutor(max_workers=1), 4, 0.05, cost_fn=lambda x: x, max_batch_cost=10)
+        return await asyncio.gather(*[b.submit(x) for x in (4, 4, 4, 1, 1, 12, 3)]), batches
+
+    results, batches = asyncio.run(main())
+    assert results == [4, 4, 4, 1, 1, 12, 3]
+    # 4+4 fits, +4 does not: held for the next batch, ahead of everything queued later; 12 alone
+    assert batches == [[4, 4], [4, 1, 1], [12], [3]]

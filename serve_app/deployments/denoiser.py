@@ -33,7 +33,10 @@ class DenoiserDeployment:
         # One thread runs every forward, warm-up included (batches run one at a time anyway); the next batch is formed when that thread is free.
         self._gpu_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="denoiser")
         opts = cfg.denoiser_deployment
-        self._batcher = GpuBatcher(self._denoise, self._gpu_thread, opts.max_batch_size, opts.batch_wait_timeout_s)
+        self._batcher = GpuBatcher(
+            self._denoise, self._gpu_thread, opts.max_batch_size, opts.batch_wait_timeout_s,
+            cost_fn=lambda item: item[2].height * item[2].width, max_batch_cost=cfg.denoiser.max_batch_pixels,
+        )
         warmup_sizes = cfg.denoiser.warmup_sizes or [(64, 64)]
         self._gpu_thread.submit(self.engine.warmup, warmup_sizes, batch=min(2, opts.max_batch_size)).result()
 

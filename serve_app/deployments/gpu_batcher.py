@@ -7,6 +7,11 @@ the run waits for the batch after that (measured on H100 at c=20, 1024²: 320 of
 batch 1 with a 0 s wait). Here the next batch is formed when the GPU thread is free: after the first
 request, wait up to `wait_timeout_s` for more, then take everything queued, up to `max_batch_size`.
 Idle, a request starts after at most `wait_timeout_s`; loaded, batches fill with what queued meanwhile.
+
+`cost_fn` / `max_batch_cost` bound a batch by work rather than count (the DiT: pixels per batch), since
+batching only pays while one item leaves the GPU idle: on H100 with FP8, batches of 8 at 512² served
+1.95x the images/s of batch 1, while batches of 4 at 1024² served fewer than batch 1 (1.16 vs 1.41/s).
+The first item of a batch always runs, whatever its cost.
 """
 
 from __future__ import annotations
@@ -17,13 +22,22 @@ from typing import Any, Callable
 
 
 class GpuBatcher:
-    def __init__(self, fn: Callable[[list], list], executor: Executor, max_batch_size: int, wait_timeout_s: float):
+    def __init__(self, fn: Callable[[list], list], executor: Executor, max_batch_size: int, wait_timeout_s: float,
+                 cost_fn: Callable[[Any], float] | None = None, max_batch_cost: float | None = None):
         self.fn = fn  # list of items -> list of results, same order; runs in `executor`
         self.executor = executor
         self.max_batch_size = max_batch_size
         self.wait_timeout_s = wait_timeout_s
+        self.cost_fn = cost_fn
+        self.max_batch_cost = max_batch_cost
         self._queue: asyncio.Queue | None = None
+        self._held: tuple | None = None  # an item that did not fit the last batch: first in the next
         self._loop_task: asyncio.Task | None = None
+
+    def _fits(self, batch: list, item: tuple) -> bool:
+        if self.cost_fn is None or self.max_batch_cost is None:
+            return True
+        return sum(self.cost_fn(x) for x, _ in batch) + self.cost_fn(item[0]) <= self.max_batch_cost
 
     async def submit(self, item: Any) -> Any:
         if self._queue is None:
@@ -36,7 +50,8 @@ class GpuBatcher:
 
     async def _next_batch(self) -> list[tuple[Any, asyncio.Future]]:
         assert self._queue is not None
-        batch = [await self._queue.get()]
+        first, self._held = (self._held, None) if self._held is not None else (await self._queue.get(), None)
+        batch = [first]
         deadline = asyncio.get_running_loop().time() + self.wait_timeout_s
         while len(batch) < self.max_batch_size:
             if self._queue.empty():
@@ -44,11 +59,15 @@ class GpuBatcher:
                 if remaining <= 0:
                     break
                 try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                    item = await asyncio.wait_for(self._queue.get(), remaining)
                 except asyncio.TimeoutError:
                     break
             else:
-                batch.append(self._queue.get_nowait())
+                item = self._queue.get_nowait()
+            if not self._fits(batch, item):
+                self._held = item
+                break
+            batch.append(item)
         return [(item, fut) for item, fut in batch if not fut.done()]
 
     async def _run(self) -> None:
