@@ -7,7 +7,8 @@ One device run, random-full weights (real architecture, random values), bf16, 10
      timings at batch 1 and 8, and how far the compiled embeddings are from the eager ones);
   4. one DiT forward for each variant in --variants: `eager`, `cudnn` / `flash` / `fa3` attention,
      `compile` (dynamic shapes), `compile_static` (a graph per shape), `fp8_compile`,
-     `fp8_compile_static` (native FP8 linears; `fp8ao_...`: torchao's); with `--batch-size` S also a batch of 1 and of 4 at S x S (per-image ratio);
+     `fp8_compile_static` (native FP8 linears; `fp8ao_...`: torchao's); `..._cplxrope`: RoPE as diffusers'
+     complex multiply instead of `serve_app.rotary`'s real arithmetic (the default); with `--batch-size` S also a batch of 1 and of 4 at S x S (per-image ratio);
   5. the VAE decode for each of --vae-variants: `eager`, `cudnn_benchmark`, `channels_last`
      (with cudnn_benchmark), `compile` (static, with both).
 Timing: CUDA-synchronised wall clock, warm-up first, median of --repeats. Writes JSON to --out after
@@ -216,6 +217,7 @@ def main():
             compile_dynamic="static" not in variant,
             fp8="fp8" in variant,
             fp8_impl="torchao" if "fp8ao" in variant else "native",
+            real_rope="cplxrope" not in variant,
             attention_backend={"cudnn": "_native_cudnn", "flash": "_native_flash", "fa3": "_flash_3_hub"}.get(
                 next((b for b in ("cudnn", "flash", "fa3") if b in variant), ""), None
             ),

@@ -6,6 +6,8 @@
 #   fp8srv  only the server part of fp8
 #   bf16  the same without FP8 (pipeline and server only: diffusers is the same as in fp8)
 #   b512  the FP8 server at 512², c=32: every stage at max_batch_size 1, then DiT batches of up to 8
+#   stages  engine level (bench_stages.py): compiled DiT bf16 and FP8 with RoPE in real arithmetic vs
+#         diffusers' complex multiply (+ profiles), text encoder, VAE compile
 # Run from the repository root on the device, after the line bundle.sh prints.
 set -u
 COMMIT=${1:-unknown}
@@ -29,6 +31,11 @@ part() {  # name, time limit, compare.py arguments...
 
 for p in $PARTS; do
   case $p in
+    stages) echo "=== stages (limit 300s) $(date +%T)"
+          timeout 300 python benchmarks/bench_stages.py --out "$OUT/stages.json" --skip-diffusers --repeats 10 \
+            --variants compile_static,compile_static_cplxrope,fp8_compile_static,fp8_compile_static_cplxrope \
+            --profile-variants compile_static,compile_static_cplxrope --vae-variants compile > "$OUT/stages.log" 2>&1
+          echo "rc=$?"; tail -n 25 "$OUT/stages.log" ;;
     fp8) part fp8 340 "${COMMON[@]}" --set denoiser.fp8=true --runs 4 --warmup 1 --c1-requests 8 --cn-requests 40 --label "fp8 + vae compile" ;;
     fp8srv) part fp8-server 220 "${COMMON[@]}" --only server --set denoiser.fp8=true --c1-requests 8 --cn-requests 40 --label "fp8 + vae compile, server" ;;
     bf16) part bf16 230 "${COMMON[@]}" --only pipeline,server --runs 3 --warmup 1 --c1-requests 8 --cn-requests 30 --label "bf16 + vae compile" ;;

@@ -62,6 +62,9 @@ class DenoiserConfig(_Strict):
     # "torchao": torchao's Float8DynamicActivationFloat8WeightConfig (its first compile took > 330 s on H100)
     fp8_impl: Literal["native", "torchao"] = "native"
     attention_backend: str | None = None  # diffusers attention backend name, None = its default
+    # RoPE as real arithmetic, which Inductor fuses into the q/k norms, instead of diffusers' complex
+    # multiply (separate kernels; 3.2 ms of a 94 ms compiled bf16 forward on H100). Same result in float32.
+    real_rope: bool = True
     warmup_sizes: list[tuple[int, int]] = Field(default_factory=list)  # (height, width) warmed at start
     ulysses_degree: int = Field(1, ge=1)
     ring_degree: int = Field(1, ge=1)

@@ -15,6 +15,7 @@ import torch
 from serve_app.config import DenoiserConfig
 from serve_app.fp8_linear import quantize_linears_fp8
 from serve_app.platform import choose_engine_settings, detect_platform
+from serve_app.rotary import use_real_rope
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,9 @@ def accelerate_transformer(transformer, cfg: DenoiserConfig, device: torch.devic
     """Apply the attention backend, FP8 and regional compilation chosen for `device` from `cfg`; return
     what was applied, with the choice itself (and its fallbacks) under "engine"."""
     settings = choose_engine_settings(detect_platform(device), cfg)
-    applied: dict = {"attention_backend": None, "fp8": False, "compile": False, "engine": settings.as_dict()}
+    applied: dict = {"attention_backend": None, "fp8": False, "compile": False, "real_rope": False, "engine": settings.as_dict()}
+    if cfg.real_rope:
+        applied["real_rope"] = use_real_rope(transformer) > 0
     if settings.attention_backend != DEFAULT_ATTENTION_BACKEND:
         try:
             transformer.set_attention_backend(settings.attention_backend)

@@ -120,7 +120,7 @@ class SequenceParallelDenoiser:
             raise ValueError(f"ulysses_degree {u} x ring_degree {r} != world size {self.world_size}")
         self.sp: SPInfo = enable_sequence_parallel(
             transformer, u, r, None, ulysses_anything=ulysses_anything, attention=attention,
-            shard_noise_refiner=cfg.sp_shard_noise_refiner,
+            shard_noise_refiner=cfg.sp_shard_noise_refiner, real_rope=cfg.real_rope,
         )
         if cfg.fp8 or cfg.compile:
             # the attention backend was chosen with the engine, before the plan; keep it (diffusers'

@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from serve_app.rotary import apply_rotary_emb
+
 log = logging.getLogger(__name__)
 
 
@@ -288,9 +290,10 @@ class ZImageUSPAttnProcessor:
     _attention_backend = None
     _parallel_config = None
 
-    def __init__(self, cp_config, backend: str | None = None):
+    def __init__(self, cp_config, backend: str | None = None, real_rope: bool = True):
         self.cp_config = cp_config
         self.backend = backend
+        self.rope = apply_rotary_emb if real_rope else _apply_rotary_emb_complex
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None):
         query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))
@@ -301,7 +304,7 @@ class ZImageUSPAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
         if freqs_cis is not None:
-            query, key = _apply_rotary_emb(query, freqs_cis), _apply_rotary_emb(key, freqs_cis)
+            query, key = self.rope(query, freqs_cis), self.rope(key, freqs_cis)
         if attention_mask is not None and attention_mask.ndim == 4:  # [B, 1, 1, S] -> [B, S]
             attention_mask = attention_mask[:, 0, 0, :]
         if attention_mask is not None and attention_mask.dtype != torch.bool:
@@ -313,7 +316,7 @@ class ZImageUSPAttnProcessor:
         return out
 
 
-def _apply_rotary_emb(x_in: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+def _apply_rotary_emb_complex(x_in: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     with torch.amp.autocast("cuda", enabled=False):
         x = torch.view_as_complex(x_in.float().reshape(*x_in.shape[:-1], -1, 2))
         return torch.view_as_real(x * freqs_cis.unsqueeze(2)).flatten(3).type_as(x_in)
@@ -331,6 +334,7 @@ def enable_sequence_parallel(
     ulysses_anything: bool = False,
     attention: str = "auto",
     shard_noise_refiner: bool = False,
+    real_rope: bool = True,
 ) -> SPInfo:
     """Shard `transformer`'s main blocks over `ulysses_degree * ring_degree` ranks of the (initialised)
     default process group. Every rank must call this, and then run the same forwards on the same inputs;
@@ -339,6 +343,7 @@ def enable_sequence_parallel(
     `mesh_or_none`: a DeviceMesh with dims ("ring", "ulysses"), or None to build one over all ranks.
     `ulysses_anything`: diffusers' Ulysses for head counts the degree does not divide (ring_degree 1).
     `attention`: "auto" (diffusers' Ulysses when ring_degree == 1, ours otherwise) or "usp" (always ours).
+    `real_rope`: our processors apply RoPE in real arithmetic (`serve_app.rotary`), else as diffusers does.
     `shard_noise_refiner`: also shard the two noise-refiner blocks (image tokens only; ~6% of a 1024²
     forward that would otherwise run whole on every rank) at the cost of one all-gather per forward.
     """
@@ -402,7 +407,7 @@ def enable_sequence_parallel(
                     m.processor._attention_backend = backend
     if use_usp:
         for block in sharded:
-            block.attention.set_processor(ZImageUSPAttnProcessor(cp, backend_name))
+            block.attention.set_processor(ZImageUSPAttnProcessor(cp, backend_name, real_rope))
 
     _prime_split_hooks(transformer)
     if shard_noise_refiner:

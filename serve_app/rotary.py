@@ -1,0 +1,70 @@
+"""Z-Image's rotary embedding in real arithmetic, and the attention processor that uses it.
+
+diffusers applies RoPE as a complex multiply (`view_as_complex(q) * freqs_cis`). Inductor cannot fuse
+complex operations, so in a compiled block RoPE runs as separate kernels with float32 round trips
+through memory (3.2 ms of a 94 ms bf16 forward on H100, `benchmarks/README.md`). The same product
+written with the real and imaginary parts, `(a + ib)(c + id) = (ac - bd) + i(ad + bc)`, is a pointwise
+expression that Inductor fuses into the q/k RMSNorm kernels around it. Switch: `denoiser.real_rope`.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+
+def apply_rotary_emb(x_in: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """x_in [B, S, H, D] (pairs of adjacent channels are the complex numbers), freqs_cis complex
+    [B, S, D/2] -> x_in rotated, in x_in's dtype; computed in float32 like diffusers'."""
+    f = torch.view_as_real(freqs_cis).unsqueeze(2)  # [B, S, 1, D/2, 2]: cos, sin
+    cos, sin = f[..., 0], f[..., 1]
+    x = x_in.float().unflatten(-1, (-1, 2))
+    x_re, x_im = x[..., 0], x[..., 1]
+    out = torch.stack((x_re * cos - x_im * sin, x_re * sin + x_im * cos), dim=-1)
+    return out.flatten(3).type_as(x_in)
+
+
+class ZImageRealRopeAttnProcessor:
+    """diffusers 0.42's `ZSingleStreamAttnProcessor`, operation for operation, with `apply_rotary_emb`
+    above in place of the complex multiply. Keeps the attention backend it replaces."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None):
+        query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))
+        key = attn.to_k(hidden_states).unflatten(-1, (attn.heads, -1))
+        value = attn.to_v(hidden_states).unflatten(-1, (attn.heads, -1))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if freqs_cis is not None:
+            query, key = apply_rotary_emb(query, freqs_cis), apply_rotary_emb(key, freqs_cis)
+        if attention_mask is not None and attention_mask.ndim == 2:
+            attention_mask = attention_mask[:, None, None, :]
+        out = dispatch_attention_fn(
+            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+            backend=self._attention_backend, parallel_config=self._parallel_config,
+        )
+        out = attn.to_out[0](out.flatten(2, 3).to(query.dtype))
+        if len(attn.to_out) > 1:
+            out = attn.to_out[1](out)
+        return out
+
+
+def use_real_rope(transformer) -> int:
+    """Install `ZImageRealRopeAttnProcessor` on every attention of `transformer` that has diffusers'
+    Z-Image processor, keeping its backend; returns how many were replaced."""
+    from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
+
+    n = 0
+    for m in transformer.modules():
+        old = getattr(m, "processor", None)
+        if isinstance(old, ZSingleStreamAttnProcessor):
+            new = ZImageRealRopeAttnProcessor()
+            new._attention_backend = old._attention_backend
+            new._parallel_config = old._parallel_config
+            m.set_processor(new)
+            n += 1
+    return n
