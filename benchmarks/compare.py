@@ -291,6 +291,15 @@ def run_server(serve_cfg: dict, a: argparse.Namespace) -> dict:
             raise TimeoutError(f"{base}/health not 200 within {a.server_start_timeout} s")
         out["start_to_healthy_s"] = time.perf_counter() - t0  # deploy + model builds + the /health warm-up
         print(f"[server] healthy after {out['start_to_healthy_s']:.1f} s", file=sys.stderr, flush=True)
+        try:  # each replica's own start: build (load, FP8, compile wrappers) and warm-up (where compiling happens)
+            import urllib.request
+
+            with urllib.request.urlopen(base + "/v1/stats", timeout=30) as resp:
+                stats = json.loads(resp.read())
+            out["replica_startup_s"] = {k: v.get("startup_s") for k, v in stats.items() if isinstance(v, dict) and "startup_s" in v}
+            print(f"[server] replica startup: {out['replica_startup_s']}", file=sys.stderr, flush=True)
+        except Exception as e:
+            out["replica_startup_s"] = {"error": repr(e)[:200]}
         common = dict(base_url=base, size=a.size, steps=a.steps, output_format=a.output_format, prompt_file=a.prompt_file,
                       seed=a.seed, disable_tqdm=True, request_timeout=600.0)
         out["c1"] = bench_serving.run_benchmark(dict(common, num_prompts=a.c1_requests, max_concurrency=1, warmup_requests=a.warmup,

@@ -24,6 +24,9 @@ class DenoiseJob:
     steps: int
     seed: int
     guidance_scale: float = 0.0
+    # images in the request this job belongs to: with more than one, the DiT waits up to its
+    # batch_wait_timeout_s for the others so that they share forwards; a lone image starts at once
+    burst: int = 1
 
 
 @dataclass

@@ -59,11 +59,13 @@ def test_poisson_arrivals_are_seeded_increasing_and_have_the_requested_rate():
 
 def test_stats_delta_differences_counters_and_keeps_levels():
     before = {
-        "denoiser": {"forwards": 10, "forward_batch_sizes": {"1": 8, "2": 2}, "peak_memory_bytes": 100, "pid": 5, "busy_s": 1.5},
+        "denoiser": {"forwards": 10, "forward_batch_sizes": {"1": 8, "2": 2}, "peak_memory_bytes": 100, "pid": 5, "busy_s": 1.5,
+                     "startup_s": {"build": 3.0, "warmup": 9.0}},
         "vae": {"batches": 3, "batch_sizes": {"1": 3}, "peak_memory_bytes": None},
     }
     after = {
-        "denoiser": {"forwards": 22, "forward_batch_sizes": {"1": 8, "2": 6, "4": 1}, "peak_memory_bytes": 300, "pid": 5, "busy_s": 2.0},
+        "denoiser": {"forwards": 22, "forward_batch_sizes": {"1": 8, "2": 6, "4": 1}, "peak_memory_bytes": 300, "pid": 5, "busy_s": 2.0,
+                     "startup_s": {"build": 3.0, "warmup": 9.0}},
         "vae": {"batches": 5, "batch_sizes": {"1": 4, "2": 1}, "peak_memory_bytes": None},
         "ingress": {"requests": 7},
     }
@@ -71,6 +73,7 @@ def test_stats_delta_differences_counters_and_keeps_levels():
     assert d["denoiser"]["forwards"] == 12
     assert d["denoiser"]["forward_batch_sizes"] == {"2": 4, "4": 1}  # unchanged sizes dropped
     assert d["denoiser"]["peak_memory_bytes"] == 300 and d["denoiser"]["pid"] == 5
+    assert d["denoiser"]["startup_s"] == {"build": 3.0, "warmup": 9.0}  # a level, not a counter
     assert d["denoiser"]["busy_s"] == pytest.approx(0.5)
     assert d["vae"]["batch_sizes"] == {"1": 1, "2": 1}
     assert d["ingress"]["requests"] == 7  # missing before: counted from 0

@@ -59,6 +59,29 @@ def test_wait_timeout_coalesces_a_burst_and_idle_requests_start_at_once():
     assert idle_s < 0.08  # no wait when the timeout is 0
 
 
+def test_wait_fn_lets_a_lone_item_start_at_once():
+    """The DiT waits for siblings only when the request has more than one image (`DenoiseJob.burst`)."""
+    async def main():
+        batches: list[list] = []
+
+        def fn(items):
+            batches.append(list(items))
+            return items
+
+        b = GpuBatcher(fn, ThreadPoolExecutor(max_workers=1), 8, 0.2, wait_fn=lambda item: item[1] > 1)
+        t0 = time.perf_counter()
+        await b.submit(("alone", 1))
+        lone_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        pair = [asyncio.ensure_future(b.submit((f"sib{i}", 2))) for i in range(2)]
+        await asyncio.gather(*pair)
+        return batches, lone_s, time.perf_counter() - t1
+
+    batches, lone_s, pair_s = asyncio.run(main())
+    assert lone_s < 0.1 <= pair_s  # the lone item did not wait the 0.2 s; the pair did (its batch was not full)
+    assert batches == [[("alone", 1)], [("sib0", 2), ("sib1", 2)]]
+
+
 def test_errors_reach_every_caller_of_the_batch_and_cancelled_items_are_dropped():
     async def main():
         b, batches, _ = make(run_s=0.2)

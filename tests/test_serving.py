@@ -114,6 +114,8 @@ def test_n_fans_out_with_consecutive_seeds_and_formats(serve_app):
     assert len({d["b64_json"] for d in data}) == 3
     t = data[0]["timings"]
     assert {"text_encoder_s", "denoiser_s", "vae_s", "encode_s", "queue_s", "total_s"} <= set(t)
+    # the three images waited for each other (DenoiseJob.burst) and shared each DiT forward
+    assert [d["timings"]["denoiser_batch"] for d in data] == [3, 3, 3]
     r = _post({"prompt": "a cat", "size": "64x64", "num_inference_steps": 2, "output_format": "webp"})
     assert Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))).format == "WEBP"
 
@@ -225,6 +227,8 @@ def test_stats_report_each_stage_platform_and_the_engine_choice(serve_app):
     stats = _stats()
     for stage in ("text_encoder", "denoiser", "vae"):
         assert stats[stage]["platform"]["vendor"] == "cpu", stats[stage]
+        startup = stats[stage]["startup_s"]  # where the replica's start went
+        assert set(startup) == {"build", "warmup"} and startup["build"] > 0 and startup["warmup"] > 0, startup
     engine = stats["denoiser"]["engine"]["engine"]
     assert (engine["attention_backend"], engine["fp8"], engine["collective_backend"]) == ("native", False, "gloo")
 

@@ -21,6 +21,7 @@ class DenoiserDeployment:
     def __init__(self, app_config: dict):
         cfg = AppConfig.model_validate(app_config)
         self.cfg = cfg
+        t0 = time.perf_counter()
         if cfg.denoiser.sp_degree > 1:
             import ray
 
@@ -29,6 +30,7 @@ class DenoiserDeployment:
             self.engine = SPGroup(cfg, placement_group=ray.util.get_current_placement_group(), first_bundle_index=1)
         else:
             self.engine = DenoiserEngine(cfg.model, cfg.denoiser)
+        t1 = time.perf_counter()
         self.stats_ = StageStats(self.engine.device)
         # One thread runs every forward, warm-up included (batches run one at a time anyway); the next batch is formed when that thread is free.
         self._gpu_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="denoiser")
@@ -36,9 +38,12 @@ class DenoiserDeployment:
         self._batcher = GpuBatcher(
             self._denoise, self._gpu_thread, opts.max_batch_size, opts.batch_wait_timeout_s,
             cost_fn=lambda item: item[2].height * item[2].width, max_batch_cost=cfg.denoiser.max_batch_pixels,
+            wait_fn=lambda item: item[2].burst > 1,
         )
         warmup_sizes = cfg.denoiser.warmup_sizes or [(64, 64)]
         self._gpu_thread.submit(self.engine.warmup, warmup_sizes, batch=min(2, opts.max_batch_size)).result()
+        # build: load (or random init) + FP8 + compile wrappers; warmup: the first forwards, where compilation happens
+        self.stats_.startup_s = {"build": t1 - t0, "warmup": time.perf_counter() - t1}
 
     def _denoise(self, items: list[tuple[EncodedPrompt, EncodedPrompt | None, DenoiseJob]]) -> list[DenoisedLatents]:
         t0 = time.perf_counter()

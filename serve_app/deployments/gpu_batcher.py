@@ -7,6 +7,8 @@ the run waits for the batch after that (measured on H100 at c=20, 1024²: 320 of
 batch 1 with a 0 s wait). Here the next batch is formed when the GPU thread is free: after the first
 request, wait up to `wait_timeout_s` for more, then take everything queued, up to `max_batch_size`.
 Idle, a request starts after at most `wait_timeout_s`; loaded, batches fill with what queued meanwhile.
+`wait_fn(item)` says whether a batch that starts with `item` waits at all (the DiT: only for an image
+whose request asked for more than one, so a lone image starts at once: 3.5 ms less per request on CPU).
 
 `cost_fn` / `max_batch_cost` bound a batch by work rather than count (the DiT: pixels per batch), since
 batching only pays while one item leaves the GPU idle: on H100 with FP8, batches of 8 at 512² served
@@ -23,13 +25,15 @@ from typing import Any, Callable
 
 class GpuBatcher:
     def __init__(self, fn: Callable[[list], list], executor: Executor, max_batch_size: int, wait_timeout_s: float,
-                 cost_fn: Callable[[Any], float] | None = None, max_batch_cost: float | None = None):
+                 cost_fn: Callable[[Any], float] | None = None, max_batch_cost: float | None = None,
+                 wait_fn: Callable[[Any], bool] | None = None):
         self.fn = fn  # list of items -> list of results, same order; runs in `executor`
         self.executor = executor
         self.max_batch_size = max_batch_size
         self.wait_timeout_s = wait_timeout_s
         self.cost_fn = cost_fn
         self.max_batch_cost = max_batch_cost
+        self.wait_fn = wait_fn  # item -> whether a batch starting with it waits for more (None: always)
         self._queue: asyncio.Queue | None = None
         self._held: tuple | None = None  # an item that did not fit the last batch: first in the next
         self._loop_task: asyncio.Task | None = None
@@ -52,7 +56,8 @@ class GpuBatcher:
         assert self._queue is not None
         first, self._held = (self._held, None) if self._held is not None else (await self._queue.get(), None)
         batch = [first]
-        deadline = asyncio.get_running_loop().time() + self.wait_timeout_s
+        wait = self.wait_timeout_s if self.wait_fn is None or self.wait_fn(first[0]) else 0.0
+        deadline = asyncio.get_running_loop().time() + wait
         while len(batch) < self.max_batch_size:
             if self._queue.empty():
                 remaining = deadline - asyncio.get_running_loop().time()

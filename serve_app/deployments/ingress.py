@@ -197,8 +197,11 @@ class ImageIngress:
             responses.append(r)
             return r
 
-        # Each stage is awaited here rather than chained as unresolved responses, so that a full
-        # downstream queue (BackPressureError) or a failed stage surfaces at this await, as a 503/500.
+        # Each stage is awaited here rather than chained as unresolved responses: Serve checks a stage's
+        # max_queued_requests when the call is made and does not count a call still waiting for an
+        # unresolved argument, so chained calls would bypass the 503; and chaining the VAE on the DiT
+        # saved only ~0.5 ms per request (CPU, tiny model, 1024²) while turning a dead DiT rank into
+        # Serve's generic "upstream actor died" error.
         encodes = [call(self.text_encoder.encode, req.prompt)]
         if req.guidance_scale > 0:
             encodes.append(call(self.text_encoder.encode, req.negative_prompt or ""))
@@ -206,7 +209,7 @@ class ImageIngress:
         prompt, negative = encoded[0], (encoded[1] if len(encoded) > 1 else None)
 
         async def one_image(seed: int):
-            job = DenoiseJob(height=req.height, width=req.width, steps=req.steps, seed=seed, guidance_scale=req.guidance_scale)
+            job = DenoiseJob(height=req.height, width=req.width, steps=req.steps, seed=seed, guidance_scale=req.guidance_scale, burst=req.n)
             latents = await call(self.denoiser.denoise, prompt, negative, job)
             return await call(self.vae.decode, latents)
 

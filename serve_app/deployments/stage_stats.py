@@ -21,6 +21,7 @@ class StageStats:
         self.items = 0
         self.busy_s = 0.0
         self.batch_sizes: collections.Counter = collections.Counter()
+        self.startup_s: dict[str, float] = {}  # where the replica's start went: build (load + switches), warmup
 
     def record(self, batch_size: int, seconds: float) -> None:
         with self._lock:
@@ -41,4 +42,5 @@ class StageStats:
                 "busy_s": round(self.busy_s, 4),
                 "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
                 "peak_memory_bytes": peak,
+                "startup_s": {k: round(v, 3) for k, v in self.startup_s.items()},
             }

@@ -17,12 +17,15 @@ from serve_app.text_encoder_engine import TextEncoderEngine
 class TextEncoderDeployment:
     def __init__(self, app_config: dict):
         cfg = AppConfig.model_validate(app_config)
+        t0 = time.perf_counter()
         self.engine = TextEncoderEngine(cfg.model, cfg.text_encoder)
+        t1 = time.perf_counter()
         self.stats_ = StageStats(self.engine.device)
         self.encode.set_max_batch_size(cfg.text_encoder_deployment.max_batch_size)
         self.encode.set_batch_wait_timeout_s(cfg.text_encoder_deployment.batch_wait_timeout_s)
         self.engine.encode(["warm-up prompt"])
         self.engine.warmup()
+        self.stats_.startup_s = {"build": t1 - t0, "warmup": time.perf_counter() - t1}
 
     def _encode(self, prompts: list[str]) -> list[EncodedPrompt]:
         t0 = time.perf_counter()

@@ -18,12 +18,15 @@ from serve_app.vae_engine import VaeEngine
 class VaeDecoderDeployment:
     def __init__(self, app_config: dict):
         cfg = AppConfig.model_validate(app_config)
+        t0 = time.perf_counter()
         self.engine = VaeEngine(cfg.model, cfg.vae)
+        t1 = time.perf_counter()
         self.stats_ = StageStats(self.engine.device)
         self.decode.set_max_batch_size(cfg.vae_deployment.max_batch_size)
         self.decode.set_batch_wait_timeout_s(cfg.vae_deployment.batch_wait_timeout_s)
         for h, w in cfg.denoiser.warmup_sizes or [(64, 64)]:
             self.engine.decode([torch.zeros(16, h // 8, w // 8)])
+        self.stats_.startup_s = {"build": t1 - t0, "warmup": time.perf_counter() - t1}
 
     def _decode(self, items: list[DenoisedLatents]) -> list[DecodedImage]:
         t0 = time.perf_counter()
