@@ -84,7 +84,8 @@ def main():
     global sync
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    model = ModelConfig(source=args.source, dtype="bfloat16" if args.device == "cuda" else "float32", device=args.device)
+    model = ModelConfig(source=args.source, dtype="bfloat16" if args.device == "cuda" else "float32", device=args.device,
+                        compile_cache_dir=args.compile_cache_dir)
     size, steps = args.size, args.steps
     results: dict = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
@@ -221,7 +222,6 @@ def main():
             attention_backend={"cudnn": "_native_cudnn", "flash": "_native_flash", "fa3": "_flash_3_hub"}.get(
                 next((b for b in ("cudnn", "flash", "fa3") if b in variant), ""), None
             ),
-            compile_cache_dir=args.compile_cache_dir,
         )
         try:
             # every variant but eager gets a fresh transformer: fp8, compile and backends change it in place

@@ -37,6 +37,9 @@ RAY_VERSION = "2.60.0"
 IMAGES = {"nvidia": "serve-app-cuda:0.1.0", "amd": "serve-app-rocm:0.1.0"}
 MODEL_ID = "Tongyi-MAI/Z-Image-Turbo"
 HF_HOME = "/models/hf"
+# torch.compile's kernels on the PVC too, so a pod the autoscaler adds loads them instead of compiling
+# (serve_app/compile_cache.py; Inductor keys its entries by GPU and versions, so chips can share it)
+INDUCTOR_CACHE = "/models/inductor-cache"
 PVC_NAME = "z-image-model-cache"
 SERVE_PORT = 8000
 GPU_RESOURCE = {"nvidia": "nvidia.com/gpu", "amd": "amd.com/gpu"}
@@ -234,7 +237,7 @@ def worker_group(group: WorkerGroup) -> dict:
                 "image": IMAGES[group.vendor],
                 "imagePullPolicy": "IfNotPresent",
                 "ports": [{"containerPort": SERVE_PORT, "name": "serve"}],
-                "env": _common_env() + vendor_env(group.vendor),
+                "env": _common_env() + [{"name": "TORCHINDUCTOR_CACHE_DIR", "value": INDUCTOR_CACHE}] + vendor_env(group.vendor),
                 "resources": {"requests": dict(res), "limits": dict(res)},
                 "readinessProbe": _readiness_probe(),
                 "volumeMounts": _mounts(),

@@ -33,6 +33,9 @@ class ModelConfig(_Strict):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     device: str = "auto"  # auto: cuda if present, else cpu
     name: str = "z-image-turbo"  # the `model` name the API accepts and lists
+    # torch.compile's cache for every stage that compiles (serve_app/compile_cache.py); None: the
+    # environment's TORCHINDUCTOR_CACHE_DIR, else Inductor's default (shared by a node's replicas)
+    compile_cache_dir: str | None = None
 
 
 class TextEncoderConfig(_Strict):
@@ -53,7 +56,6 @@ class DenoiserConfig(_Strict):
     default_steps: int = Field(8, ge=1, le=100)
     max_steps: int = Field(50, ge=1, le=1000)
     compile: bool = False  # regional torch.compile of the transformer blocks
-    compile_cache_dir: str | None = None  # TORCHINDUCTOR_CACHE_DIR shared by replicas
     # True: one graph per block class for every size and batch; False: a graph per shape (warm each
     # served size), which lets Inductor specialise its kernels
     compile_dynamic: bool = True

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from serve_app.compile_cache import use_compile_cache
 from serve_app.config import DenoiserConfig, ModelConfig
 from serve_app.devices import resolve_device, resolve_dtype
 from serve_app.dit_acceleration import accelerate_transformer
@@ -108,6 +109,7 @@ class DenoiserStats:
 class DenoiserEngine:
     def __init__(self, model_cfg: ModelConfig, cfg: DenoiserConfig, device: torch.device | None = None):
         self.cfg = cfg
+        self.compile_cache_dir = use_compile_cache(model_cfg.compile_cache_dir)
         self.device = device or resolve_device(model_cfg)
         self.dtype = resolve_dtype(model_cfg, self.device)
         self.transformer = load_transformer(model_cfg, self.device, self.dtype)
@@ -117,6 +119,7 @@ class DenoiserEngine:
         self.stats = DenoiserStats()
         self.same_caption_length_batches = False  # set by the SP engine (see DenoiserConfig)
         self.acceleration = accelerate_transformer(self.transformer, cfg, self.device)
+        self.acceleration["compile_cache_dir"] = self.compile_cache_dir
 
     def _scheduler(self, steps: int, image_seq_len: int):
         from diffusers import FlowMatchEulerDiscreteScheduler

@@ -8,7 +8,6 @@ and the FP8 format follows the chip (e4m3fn on H100/H200/B200/MI355X, e4m3fnuz o
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
@@ -54,11 +53,6 @@ def accelerate_transformer(transformer, cfg: DenoiserConfig, device: torch.devic
             quantize_linears_fp8(transformer, fp8, _in_blocks)
         applied["fp8"] = cfg.fp8_impl
     if settings.compile.enabled:
-        if settings.compile.cache_dir:
-            os.makedirs(settings.compile.cache_dir, exist_ok=True)
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = settings.compile.cache_dir
-            os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
-            os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
         # One block class serves the noise refiners (modulated, image tokens), the context refiners
         # (unmodulated, caption tokens) and the main layers (joint sequence): several graphs, more
         # than Dynamo's default limit of 8 once shapes vary.

@@ -73,7 +73,6 @@ class CompileSettings:
     fullgraph: bool = True
     dynamic: bool = True
     regional: bool = True  # compile_repeated_blocks: one graph per block class, not the whole DiT
-    cache_dir: str | None = None
 
 
 @dataclass
@@ -336,7 +335,7 @@ def choose_engine_settings(platform: PlatformInfo, denoiser_cfg, *, importable: 
     """Pick attention backend, FP8, compile and collective settings for `platform`.
 
     `denoiser_cfg` is a `serve_app.config.DenoiserConfig` (or anything with `attention_backend`,
-    `fp8`, `compile`, `compile_cache_dir`). `importable` (module name -> bool) and
+    `fp8`, `compile`). `importable` (module name -> bool) and
     `diffusers_backends` (the backend names this diffusers knows) default to the real environment;
     tests pass their own. Never raises on an unsupported combination: it falls back, logs a
     warning and lists it in `warnings`.
@@ -387,7 +386,6 @@ def choose_engine_settings(platform: PlatformInfo, denoiser_cfg, *, importable: 
     compile_settings = CompileSettings(
         enabled=compile_enabled,
         dynamic=bool(getattr(denoiser_cfg, "compile_dynamic", True)),
-        cache_dir=getattr(denoiser_cfg, "compile_cache_dir", None),
     )
 
     backend, env = collective_for(platform)

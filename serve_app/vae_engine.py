@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from serve_app.compile_cache import use_compile_cache
 from serve_app.config import ModelConfig, VaeConfig
 from serve_app.devices import resolve_device, resolve_dtype
 from serve_app.model_sources import load_vae
@@ -17,6 +18,7 @@ from serve_app.model_sources import load_vae
 class VaeEngine:
     def __init__(self, model_cfg: ModelConfig, cfg: VaeConfig):
         self.cfg = cfg
+        self.compile_cache_dir = use_compile_cache(model_cfg.compile_cache_dir)
         self.device = resolve_device(model_cfg)
         self.dtype = resolve_dtype(model_cfg, self.device)
         self.vae = load_vae(model_cfg, self.device, self.dtype)
