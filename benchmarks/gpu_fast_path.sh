@@ -6,6 +6,8 @@
 #   fp8srv  only the server part of fp8
 #   bf16  the same without FP8 (pipeline and server only: diffusers is the same as in fp8)
 #   b512  the FP8 server at 512², c=32: every stage at max_batch_size 1, then DiT batches of up to 8
+#   cold  cold start of the FP8 server (start_to_healthy_s, each replica's build / warmup): a fresh, empty
+#         compile cache, then the same server restarted on that cache
 #   stages  engine level (bench_stages.py): compiled DiT bf16 and FP8 with RoPE in real arithmetic vs
 #         diffusers' complex multiply (+ profiles), text encoder, VAE compile
 # Run from the repository root on the device, after the line bundle.sh prints.
@@ -31,6 +33,11 @@ part() {  # name, time limit, compare.py arguments...
 
 for p in $PARTS; do
   case $p in
+    cold) CC=/tmp/cold-cache-$$; rm -rf "$CC"
+          for run in empty warm; do
+            part cold-$run 300 "${COMMON[@]}" --only server --set denoiser.fp8=true --set model.compile_cache_dir=$CC \
+              --c1-requests 4 --cn-requests 4 --concurrency 2 --cn-warmup 0 --label "cold start, $run compile cache"
+          done ;;
     stages) echo "=== stages (limit 300s) $(date +%T)"
           timeout 300 python benchmarks/bench_stages.py --out "$OUT/stages.json" --skip-diffusers --repeats 10 \
             --variants compile_static,compile_static_cplxrope,fp8_compile_static,fp8_compile_static_cplxrope \
