@@ -13,6 +13,9 @@ import torch
 class EncodedPrompt:
     embeds: torch.Tensor  # [tokens, hidden], CPU
     timings: dict = field(default_factory=dict)
+    # prompts encoded in the same text-encoder batch: their requests reach the DiT together, so with
+    # more than one the DiT waits up to its batch_wait_timeout_s for the others
+    batch: int = 1
 
 
 @dataclass
@@ -25,7 +28,7 @@ class DenoiseJob:
     seed: int
     guidance_scale: float = 0.0
     # images in the request this job belongs to: with more than one, the DiT waits up to its
-    # batch_wait_timeout_s for the others so that they share forwards; a lone image starts at once
+    # batch_wait_timeout_s for the others so that they share forwards
     burst: int = 1
 
 

@@ -38,7 +38,8 @@ class DenoiserDeployment:
         self._batcher = GpuBatcher(
             self._denoise, self._gpu_thread, opts.max_batch_size, opts.batch_wait_timeout_s,
             cost_fn=lambda item: item[2].height * item[2].width, max_batch_cost=cfg.denoiser.max_batch_pixels,
-            wait_fn=lambda item: item[2].burst > 1,
+            # wait for company only when some is on its way: sibling images, or prompts encoded together
+            wait_fn=lambda item: item[2].burst > 1 or item[0].batch > 1,
         )
         warmup_sizes = cfg.denoiser.warmup_sizes or [(64, 64)]
         self._gpu_thread.submit(self.engine.warmup, warmup_sizes, batch=min(2, opts.max_batch_size)).result()

@@ -7,8 +7,9 @@ the run waits for the batch after that (measured on H100 at c=20, 1024²: 320 of
 batch 1 with a 0 s wait). Here the next batch is formed when the GPU thread is free: after the first
 request, wait up to `wait_timeout_s` for more, then take everything queued, up to `max_batch_size`.
 Idle, a request starts after at most `wait_timeout_s`; loaded, batches fill with what queued meanwhile.
-`wait_fn(item)` says whether a batch that starts with `item` waits at all (the DiT: only for an image
-whose request asked for more than one, so a lone image starts at once: 3.5 ms less per request on CPU).
+`wait_fn(item)` says whether a batch that starts with `item` waits at all (the DiT: only when other
+images are on their way — the request's siblings, or prompts encoded in the same text-encoder batch —
+so a lone request starts at once: ~4 ms less between the stages per request on CPU).
 
 `cost_fn` / `max_batch_cost` bound a batch by work rather than count (the DiT: pixels per batch), since
 batching only pays while one item leaves the GPU idle: on H100 with FP8, batches of 8 at 512² served

@@ -32,7 +32,7 @@ class TextEncoderDeployment:
         embeds = [e.cpu() for e in self.engine.encode(prompts)]
         dt = time.perf_counter() - t0
         self.stats_.record(len(prompts), dt)
-        return [EncodedPrompt(embeds=e, timings={"text_encoder_s": dt}) for e in embeds]
+        return [EncodedPrompt(embeds=e, timings={"text_encoder_s": dt}, batch=len(prompts)) for e in embeds]
 
     @serve.batch
     async def encode(self, prompts: list[str]) -> list[EncodedPrompt]:
