@@ -24,6 +24,36 @@ def apply_rotary_emb(x_in: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tenso
     return out.flatten(3).type_as(x_in)
 
 
+def apply_rotary_emb_complex(x_in: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """diffusers 0.42's Z-Image RoPE, as it is: a complex multiply in float32 (`denoiser.real_rope: false`)."""
+    with torch.amp.autocast("cuda", enabled=False):
+        x = torch.view_as_complex(x_in.float().reshape(*x_in.shape[:-1], -1, 2))
+        return torch.view_as_real(x * freqs_cis.unsqueeze(2)).flatten(3).type_as(x_in)
+
+
+def rotated_qkv(attn, hidden_states, freqs_cis, rope=apply_rotary_emb):
+    """The part of Z-Image attention before the attention itself: q, k, v [B, S, H, D] projected,
+    q and k normed and rotated by `rope`."""
+    query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))
+    key = attn.to_k(hidden_states).unflatten(-1, (attn.heads, -1))
+    value = attn.to_v(hidden_states).unflatten(-1, (attn.heads, -1))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    if freqs_cis is not None:
+        query, key = rope(query, freqs_cis), rope(key, freqs_cis)
+    return query, key, value
+
+
+def output_projection(attn, out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The part after it: heads merged, `to_out` applied."""
+    out = attn.to_out[0](out.flatten(2, 3).to(dtype))
+    if len(attn.to_out) > 1:
+        out = attn.to_out[1](out)
+    return out
+
+
 class ZImageRealRopeAttnProcessor:
     """diffusers 0.42's `ZSingleStreamAttnProcessor`, operation for operation, with `apply_rotary_emb`
     above in place of the complex multiply. Keeps the attention backend it replaces."""
@@ -32,25 +62,14 @@ class ZImageRealRopeAttnProcessor:
     _parallel_config = None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None):
-        query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))
-        key = attn.to_k(hidden_states).unflatten(-1, (attn.heads, -1))
-        value = attn.to_v(hidden_states).unflatten(-1, (attn.heads, -1))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        if freqs_cis is not None:
-            query, key = apply_rotary_emb(query, freqs_cis), apply_rotary_emb(key, freqs_cis)
+        query, key, value = rotated_qkv(attn, hidden_states, freqs_cis)
         if attention_mask is not None and attention_mask.ndim == 2:
             attention_mask = attention_mask[:, None, None, :]
         out = dispatch_attention_fn(
             query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
             backend=self._attention_backend, parallel_config=self._parallel_config,
         )
-        out = attn.to_out[0](out.flatten(2, 3).to(query.dtype))
-        if len(attn.to_out) > 1:
-            out = attn.to_out[1](out)
-        return out
+        return output_projection(attn, out, query.dtype)
 
 
 def use_real_rope(transformer) -> int:

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from serve_app.rotary import apply_rotary_emb
+from serve_app.rotary import apply_rotary_emb, apply_rotary_emb_complex, output_projection, rotated_qkv
 
 log = logging.getLogger(__name__)
 
@@ -293,33 +293,16 @@ class ZImageUSPAttnProcessor:
     def __init__(self, cp_config, backend: str | None = None, real_rope: bool = True):
         self.cp_config = cp_config
         self.backend = backend
-        self.rope = apply_rotary_emb if real_rope else _apply_rotary_emb_complex
+        self.rope = apply_rotary_emb if real_rope else apply_rotary_emb_complex
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None):
-        query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))
-        key = attn.to_k(hidden_states).unflatten(-1, (attn.heads, -1))
-        value = attn.to_v(hidden_states).unflatten(-1, (attn.heads, -1))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        if freqs_cis is not None:
-            query, key = self.rope(query, freqs_cis), self.rope(key, freqs_cis)
+        query, key, value = rotated_qkv(attn, hidden_states, freqs_cis, self.rope)
         if attention_mask is not None and attention_mask.ndim == 4:  # [B, 1, 1, S] -> [B, S]
             attention_mask = attention_mask[:, 0, 0, :]
         if attention_mask is not None and attention_mask.dtype != torch.bool:
             attention_mask = attention_mask > (-1e4 if attention_mask.is_floating_point() else 0)
         out = usp_attention(query, key, value, attention_mask, self.cp_config, self.backend)
-        out = attn.to_out[0](out.flatten(2, 3).to(query.dtype))
-        if len(attn.to_out) > 1:
-            out = attn.to_out[1](out)
-        return out
-
-
-def _apply_rotary_emb_complex(x_in: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    with torch.amp.autocast("cuda", enabled=False):
-        x = torch.view_as_complex(x_in.float().reshape(*x_in.shape[:-1], -1, 2))
-        return torch.view_as_real(x * freqs_cis.unsqueeze(2)).flatten(3).type_as(x_in)
+        return output_projection(attn, out, query.dtype)
 
 
 # ------------------------------------------------------------------------------------------- apply

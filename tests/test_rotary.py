@@ -6,8 +6,7 @@ from diffusers.models.transformers.transformer_z_image import ADALN_EMBED_DIM, Z
 
 from serve_app.config import DenoiserConfig, ModelConfig
 from serve_app.denoiser_engine import DenoiseRequest, DenoiserEngine
-from serve_app.rotary import ZImageRealRopeAttnProcessor, apply_rotary_emb
-from serve_app.zimage_context_parallel import _apply_rotary_emb_complex
+from serve_app.rotary import ZImageRealRopeAttnProcessor, apply_rotary_emb, apply_rotary_emb_complex
 
 
 def _inputs(dtype, b=2, s=37, h=3, d=32):
@@ -20,7 +19,7 @@ def _inputs(dtype, b=2, s=37, h=3, d=32):
 def test_real_rope_equals_the_complex_multiply():
     for dtype, atol in ((torch.float32, 1e-6), (torch.bfloat16, 0.0)):
         x, freqs = _inputs(dtype)
-        ours, ref = apply_rotary_emb(x, freqs), _apply_rotary_emb_complex(x, freqs)
+        ours, ref = apply_rotary_emb(x, freqs), apply_rotary_emb_complex(x, freqs)
         assert ours.dtype == dtype and ours.shape == x.shape
         # float32 products of the same operands; bf16 output rounds them the same way
         torch.testing.assert_close(ours.float(), ref.float(), rtol=0, atol=atol if dtype == torch.float32 else 1e-2)
