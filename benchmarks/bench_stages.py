@@ -77,6 +77,7 @@ def main():
     p.add_argument("--device", default="cuda")
     p.add_argument("--profile-variants", default="", help="DiT variants to profile (torch.profiler table of one forward)")
     p.add_argument("--te-compile", action="store_true", help="also time the compiled text encoder")
+    p.add_argument("--te-graph", action="store_true", help="also time the CUDA-graphed text encoder")
     p.add_argument("--batch-size", type=int, default=0, help="also time DiT batches of 1 and 4 at this square size")
     p.add_argument("--vae-variants", default="eager")
     args = p.parse_args()
@@ -106,7 +107,7 @@ def main():
 
     log("building random-full engines")
     t0 = time.perf_counter()
-    cfg = AppConfig(model=model)
+    cfg = AppConfig(model=model, denoiser=DenoiserConfig(attention_backend="native"))  # the reference: SDPA, eager
     pipe = StagedPipeline(cfg)
     results["build_s"] = time.perf_counter() - t0
     te, dn, vae = pipe.text_encoder, pipe.denoiser, pipe.vae
@@ -186,6 +187,31 @@ def main():
             log(f"text encoder compile failed: {e}")
         save()
 
+    if args.te_graph:
+        from serve_app.text_encoder_engine import TextEncoderEngine
+
+        try:
+            t0 = time.perf_counter()
+            te_g = TextEncoderEngine(model, TextEncoderConfig(cuda_graph=True))
+            r = {"graphs_captured": te_g.warmup()}
+            sync()
+            r["build_and_capture_s"] = time.perf_counter() - t0
+            r["batch1"] = timed(lambda: te_g.encode([PROMPT]), 20, warmup=3)
+            r["batch8"] = timed(lambda: te_g.encode(prompts8), 10, warmup=2)
+            a, b = emb.float(), te_g.encode([PROMPT])[0].float()
+            r["vs_eager"] = {"max_abs_diff": (a - b).abs().max().item(), "rel_l2": ((a - b).norm() / a.norm()).item(),
+                             "cosine": torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()}
+            a8 = torch.cat(te.encode(prompts8)).float()
+            b8 = torch.cat(te_g.encode(prompts8)).float()
+            r["batch8_vs_eager_rel_l2"] = ((a8 - b8).norm() / a8.norm()).item()
+            results["text_encoder_cuda_graph"] = r
+            log(f"text encoder CUDA graphs: {r}")
+            del te_g
+        except Exception as e:
+            results["text_encoder_cuda_graph"] = {"error": f"{type(e).__name__}: {e}"[:500]}
+            log(f"text encoder CUDA graphs failed: {e}")
+        save()
+
     # --- 4. DiT forward per variant ---
     def forward_fn(engine: DenoiserEngine, batch: int = 1, px: int = size):
         lat = torch.randn(batch, 16, 1, px // 8, px // 8, device=args.device, dtype=dtype)
@@ -213,15 +239,17 @@ def main():
     ref_out = fixed_forward(dn)  # the eager bf16 DiT: what every variant is compared with
     for variant in [v for v in args.variants.split(",") if v]:
         log(f"DiT variant {variant}")
+        toks = set(variant.split("_"))
         dcfg = DenoiserConfig(
-            compile="compile" in variant,
-            compile_dynamic="static" not in variant,
-            fp8="fp8" in variant,
-            fp8_impl="torchao" if "fp8ao" in variant else "native",
-            real_rope="cplxrope" not in variant,
-            attention_backend={"cudnn": "_native_cudnn", "flash": "_native_flash", "fa3": "_flash_3_hub"}.get(
-                next((b for b in ("cudnn", "flash", "fa3") if b in variant), ""), None
+            compile="compile" in toks,
+            compile_dynamic="static" not in toks,
+            fp8=bool(toks & {"fp8", "fp8ao"}),
+            fp8_impl="torchao" if "fp8ao" in toks else "native",
+            real_rope="cplxrope" not in toks,
+            attention_backend={"cudnn": "_native_cudnn", "flash": "_native_flash", "fa3": "_flash_3", "fa3fp8": "_flash_3"}.get(
+                next((b for b in ("cudnn", "flash", "fa3", "fa3fp8") if b in toks), ""), "native"
             ),
+            fp8_attention="fa3fp8" in toks,
         )
         try:
             # every variant but eager gets a fresh transformer: fp8, compile and backends change it in place

@@ -50,6 +50,11 @@ class TextEncoderConfig(_Strict):
     # torch.compile each decoder layer (dynamic shapes, on GPU only): the eager encoder is bound by
     # kernel launches and Python (a 4B forward over ~100 tokens is ~1e12 FLOP, a few ms of H100 work).
     compile: bool = False
+    # CUDA graphs of the eager forward, one per (batch bucket, padded length), captured at warm-up (GPU
+    # only): the same kernels as eager, launched at once. Batches up to `cuda_graph_max_batch` are padded
+    # to the next power of two; larger ones, and every call on CPU, run eagerly.
+    cuda_graph: bool = False
+    cuda_graph_max_batch: int = Field(8, ge=1, le=64)
 
 
 class DenoiserConfig(_Strict):
@@ -63,7 +68,11 @@ class DenoiserConfig(_Strict):
     # "native": serve_app.fp8_linear (plain tensors: one compiled graph for all blocks);
     # "torchao": torchao's Float8DynamicActivationFloat8WeightConfig (its first compile took > 330 s on H100)
     fp8_impl: Literal["native", "torchao"] = "native"
-    attention_backend: str | None = None  # diffusers attention backend name, None = its default
+    # diffusers attention backend name; None: the fastest usable on the chip (serve_app/platform.py), e.g.
+    # "_flash_3" (FlashAttention-3, serve_app/fa3_attention.py) on Hopper where an FA3 build is installed
+    attention_backend: str | None = None
+    # FA3's FP8 attention (q, k, v scaled per head to float8_e4m3fn); needs "_flash_3" and an FP8 chip
+    fp8_attention: bool = False
     # RoPE as real arithmetic, which Inductor fuses into the q/k norms, instead of diffusers' complex
     # multiply (separate kernels; 3.2 ms of a 94 ms compiled bf16 forward on H100). Same result in float32.
     real_rope: bool = True

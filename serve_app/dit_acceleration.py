@@ -14,7 +14,7 @@ import torch
 from serve_app.config import DenoiserConfig
 from serve_app.fp8_linear import quantize_linears_fp8
 from serve_app.platform import choose_engine_settings, detect_platform
-from serve_app.rotary import use_real_rope
+from serve_app.rotary import use_own_processor
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +25,19 @@ def accelerate_transformer(transformer, cfg: DenoiserConfig, device: torch.devic
     """Apply the attention backend, FP8 and regional compilation chosen for `device` from `cfg`; return
     what was applied, with the choice itself (and its fallbacks) under "engine"."""
     settings = choose_engine_settings(detect_platform(device), cfg)
-    applied: dict = {"attention_backend": None, "fp8": False, "compile": False, "real_rope": False, "engine": settings.as_dict()}
-    if cfg.real_rope:
-        applied["real_rope"] = use_real_rope(transformer) > 0
-    if settings.attention_backend != DEFAULT_ATTENTION_BACKEND:
+    applied: dict = {"attention_backend": None, "fp8": False, "compile": False, "real_rope": False,
+                     "attention_fp8": False, "engine": settings.as_dict()}
+    # FA3 is called by our processor (serve_app/fa3_attention.py), not through diffusers' `_flash_3`: that
+    # one imports only the flash-attention repository's build and refuses masked calls.
+    fa3 = None
+    if settings.attention_backend == "_flash_3":
+        fa3 = "fp8" if settings.attention_fp8 else "bf16"
+    if cfg.real_rope or fa3:
+        replaced = use_own_processor(transformer, real_rope=cfg.real_rope, fa3=fa3) > 0
+        applied["real_rope"] = replaced and cfg.real_rope
+        if fa3 and replaced:
+            applied["attention_backend"], applied["attention_fp8"] = "_flash_3", fa3 == "fp8"
+    if settings.attention_backend not in (DEFAULT_ATTENTION_BACKEND, "_flash_3"):
         try:
             transformer.set_attention_backend(settings.attention_backend)
             applied["attention_backend"] = settings.attention_backend

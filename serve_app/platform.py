@@ -85,6 +85,7 @@ class EngineSettings:
     compile: CompileSettings
     collective_backend: Literal["nccl", "gloo"]  # "nccl" is RCCL on ROCm (same torch name)
     collective_env: dict[str, str] = field(default_factory=dict)
+    attention_fp8: bool = False  # FA3 with FP8 q/k/v (only with attention_backend "_flash_3" on an FP8 chip)
     warnings: list[str] = field(default_factory=list)  # every fallback taken, also logged
 
     @property
@@ -112,6 +113,7 @@ class EngineSettings:
         return {
             "platform": self.platform.as_dict(),
             "attention_backend": self.attention_backend,
+            "attention_fp8": self.attention_fp8,
             "fp8": self.fp8,
             "fp8_dtype": self.fp8_dtype,
             "fp8_supported_dtype": self.fp8_supported_dtype,
@@ -243,10 +245,11 @@ def _default_importable(module: str) -> bool:
         return False
 
 
-# The python package a diffusers backend needs, where it needs one beyond torch.
+# The python package a diffusers backend needs, where it needs one beyond torch (a tuple: any one of them).
+# `_flash_3` is run by our own processor (serve_app/fa3_attention.py), which takes either FA3 build.
 _BACKEND_PACKAGES = {
     "flash": "flash_attn", "flash_varlen": "flash_attn",
-    "_flash_3": "flash_attn_interface", "_flash_varlen_3": "flash_attn_interface",
+    "_flash_3": ("flash_attn_interface", "fa3_fwd_interface"), "_flash_varlen_3": "flash_attn_interface",
     "sage": "sageattention", "sage_varlen": "sageattention",
     "xformers": "xformers",
     "aiter": "aiter",
@@ -277,9 +280,10 @@ def _backend_usable(name: str, platform: PlatformInfo, importable: Callable[[str
             return "needs the `kernels` package (hub kernels)"
         if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
             return "hub kernels cannot be downloaded with HF_HUB_OFFLINE set"
-    pkg = _BACKEND_PACKAGES.get(name)
-    if pkg and not importable(pkg):
-        return f"python package `{pkg}` is not installed"
+    pkgs = _BACKEND_PACKAGES.get(name)
+    pkgs = (pkgs,) if isinstance(pkgs, str) else pkgs or ()
+    if pkgs and not any(importable(p) for p in pkgs):
+        return f"python package {' or '.join(f'`{p}`' for p in pkgs)} is not installed"
     return None
 
 
@@ -388,8 +392,19 @@ def choose_engine_settings(platform: PlatformInfo, denoiser_cfg, *, importable: 
         dynamic=bool(getattr(denoiser_cfg, "compile_dynamic", True)),
     )
 
+    # FP8 attention: FA3's FP8 kernels, so only with FA3 chosen and an FP8 chip
+    attention_fp8 = False
+    if getattr(denoiser_cfg, "fp8_attention", False):
+        if attention != "_flash_3":
+            warn(f"fp8_attention needs the '_flash_3' attention backend (FlashAttention-3), not {attention!r}; attention stays bf16")
+        elif supported_dtype != "float8_e4m3fn":
+            warn(f"fp8_attention needs float8_e4m3fn matrix cores ({platform.chip or platform.vendor} has {supported_dtype}); attention stays bf16")
+        else:
+            attention_fp8 = True
+
     backend, env = collective_for(platform)
     return EngineSettings(
+        attention_fp8=attention_fp8,
         platform=platform,
         attention_backend=attention,
         fp8=fp8,

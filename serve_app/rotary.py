@@ -55,14 +55,32 @@ def output_projection(attn, out: torch.Tensor, dtype: torch.dtype) -> torch.Tens
 
 
 class ZImageRealRopeAttnProcessor:
-    """diffusers 0.42's `ZSingleStreamAttnProcessor`, operation for operation, with `apply_rotary_emb`
-    above in place of the complex multiply. Keeps the attention backend it replaces."""
+    """diffusers 0.42's `ZSingleStreamAttnProcessor`, operation for operation, with `rope` (by default
+    `apply_rotary_emb` above, in place of the complex multiply) and optionally FlashAttention-3
+    (`serve_app.fa3_attention`, `fa3` = "bf16" or "fp8") for the unmasked calls. Keeps the attention
+    backend it replaces for everything else."""
 
     _attention_backend = None
     _parallel_config = None
 
+    def __init__(self, rope=apply_rotary_emb, fa3: str | None = None):
+        self.rope = rope
+        self.fa3 = fa3
+        self.fa3_module = None
+        if fa3:
+            from serve_app.fa3_attention import INTERFACE_MODULES, fa3_interface
+
+            self.fa3_module = fa3_interface()
+            if self.fa3_module is None:
+                raise RuntimeError(f"no FlashAttention-3 build found (tried {', '.join(INTERFACE_MODULES)})")
+
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None):
-        query, key, value = rotated_qkv(attn, hidden_states, freqs_cis)
+        query, key, value = rotated_qkv(attn, hidden_states, freqs_cis, self.rope)
+        if self.fa3 and attention_mask is None:
+            from serve_app.fa3_attention import fa3_attention
+
+            out = fa3_attention(self.fa3_module, query, key, value, fp8=self.fa3 == "fp8")
+            return output_projection(attn, out, query.dtype)
         if attention_mask is not None and attention_mask.ndim == 2:
             attention_mask = attention_mask[:, None, None, :]
         out = dispatch_attention_fn(
@@ -72,16 +90,17 @@ class ZImageRealRopeAttnProcessor:
         return output_projection(attn, out, query.dtype)
 
 
-def use_real_rope(transformer) -> int:
-    """Install `ZImageRealRopeAttnProcessor` on every attention of `transformer` that has diffusers'
-    Z-Image processor, keeping its backend; returns how many were replaced."""
+def use_own_processor(transformer, real_rope: bool = True, fa3: str | None = None) -> int:
+    """Install `ZImageRealRopeAttnProcessor` (RoPE real or complex, FA3 or not) on every attention of
+    `transformer` that has diffusers' Z-Image processor or ours, keeping its backend; returns how many
+    were replaced."""
     from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
 
     n = 0
     for m in transformer.modules():
         old = getattr(m, "processor", None)
-        if isinstance(old, ZSingleStreamAttnProcessor):
-            new = ZImageRealRopeAttnProcessor()
+        if isinstance(old, (ZSingleStreamAttnProcessor, ZImageRealRopeAttnProcessor)):
+            new = ZImageRealRopeAttnProcessor(apply_rotary_emb if real_rope else apply_rotary_emb_complex, fa3)
             new._attention_backend = old._attention_backend
             new._parallel_config = old._parallel_config
             m.set_processor(new)

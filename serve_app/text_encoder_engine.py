@@ -14,6 +14,7 @@ from serve_app.compile_cache import use_compile_cache
 from serve_app.config import ModelConfig, TextEncoderConfig
 from serve_app.devices import resolve_device, resolve_dtype
 from serve_app.model_sources import load_text_encoder, load_tokenizer
+from serve_app.text_encoder_graphs import EncoderGraphs
 
 
 class TextEncoderEngine:
@@ -36,6 +37,11 @@ class TextEncoderEngine:
             # the layers share the graph, as diffusers' compile_repeated_blocks does for the DiT.
             for layer in self.model.layers:
                 layer.compile(dynamic=True)
+        # CUDA graphs of the eager forward (not of a compiled one); captured by warmup()
+        self.graphs = None
+        if cfg.cuda_graph and self.device.type == "cuda" and not self.compiled:
+            pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            self.graphs = EncoderGraphs(self.model, cfg.skip_last_layer, pad_id, cfg.cuda_graph_max_batch)
 
     def _templated(self, prompt: str) -> str:
         return self.tokenizer.apply_chat_template(
@@ -57,9 +63,12 @@ class TextEncoderEngine:
             truncation=True,
             pad_to_multiple_of=None if self.cfg.pad_to_max_length else self.cfg.pad_to_multiple_of,
             return_tensors="pt",
+            padding_side="right",  # what the graphs' causal-only attention relies on
         )
         ids = inputs.input_ids.to(self.device)
         mask = inputs.attention_mask.to(self.device).bool()
+        if self.graphs is not None and self.graphs.has(*ids.shape):
+            return self.graphs.run(ids, lambda hidden: [hidden[i][mask[i]] for i in range(len(prompts))])
         if self.cfg.skip_last_layer:
             hidden = self.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         else:
@@ -71,14 +80,16 @@ class TextEncoderEngine:
         """One forward per padded length the engine can see (multiples of `pad_to_multiple_of` up to
         `max_sequence_length`), so that no request pays for a new shape's kernel selection (on H100 the
         first forward at a new length costs ~80 ms more). A compiled encoder also runs batch 2: Dynamo
-        specialises on batch 1 and compiles once more for the first larger batch. Returns the number of
-        forwards run."""
+        specialises on batch 1 and compiles once more for the first larger batch. With `cuda_graph`, captures a graph per batch bucket
+        and length instead. Returns the number of forwards run or graphs captured."""
         if self.compiled and 2 not in batch_sizes:
             batch_sizes = (*batch_sizes, 2)
         step, top = self.cfg.pad_to_multiple_of, self.cfg.max_sequence_length
         lengths = [top] if self.cfg.pad_to_max_length else list(range(step, top + step, step))
         if len(lengths) > 64:  # no bucketing: too many shapes to warm, keep the first few
             lengths = lengths[:8]
+        if self.graphs is not None:
+            return sum(self.graphs.capture(length, self.device) for length in lengths)
         n = 0
         for b in batch_sizes:
             for length in lengths:

@@ -73,6 +73,8 @@ def test_h100_e4m3fn_and_fa3_or_sdpa():
     # FlashAttention-3 when built; else SDPA, FA2 installed or not
     assert settings(H100, importable("flash_attn_interface", "flash_attn")).attention_backend == "_flash_3"
     assert settings(H100, importable("flash_attn")).attention_backend == "native"
+    # ... either FA3 build: the flash-attention repository's or the fa3-fwd wheel's
+    assert settings(H100, importable("fa3_fwd_interface")).attention_backend == "_flash_3"
     assert settings(H200, fp8=True).fp8_dtype == "float8_e4m3fn"
     assert settings(B200, fp8=True).fp8_dtype == "float8_e4m3fn"
     assert settings(B200).attention_backend == "_native_cudnn"
@@ -174,3 +176,16 @@ def test_engines_apply_the_platform_choice_on_cpu(tiny_dir):
     assert len(acc["engine"]["warnings"]) == 3  # cuDNN, FP8, compile
     [lat] = eng.denoise([DenoiseRequest(embeds=torch.zeros(8, eng.cap_feat_dim), height=64, width=64, steps=1, seed=0)])
     assert torch.isfinite(lat).all()
+
+
+def test_fp8_attention_needs_fa3_and_an_e4m3fn_chip(caplog):
+    fa3 = importable("fa3_fwd_interface")
+    s = settings(H100, fa3, fp8_attention=True)
+    assert s.attention_backend == "_flash_3" and s.attention_fp8 and s.as_dict()["attention_fp8"] is True
+    with caplog.at_level(logging.WARNING, logger="serve_app.platform"):
+        no_fa3 = settings(H100, fp8_attention=True)
+        sdpa = settings(H100, fa3, fp8_attention=True, attention_backend="native")
+        a100 = settings(A100, fa3, fp8_attention=True)
+    assert not (no_fa3.attention_fp8 or sdpa.attention_fp8 or a100.attention_fp8)
+    assert all(any("fp8_attention" in w for w in x.warnings) for x in (no_fa3, sdpa, a100))
+    assert not settings(H100, fa3).attention_fp8  # off unless asked for

@@ -1,0 +1,89 @@
+"""One DiT attention call at Z-Image's 1024² shape (batch 1, 4096 image + 128 caption tokens, 30 heads of
+128), each backend on the same q, k, v: torch SDPA (its own pick, cuDNN, flash), FlashAttention-3 in bf16
+and with FP8 inputs (serve_app/fa3_attention.py, quantization included). CUDA events around 10 calls in a row, median of --repeats;
+error against a float32 SDPA.
+
+  python benchmarks/bench_attention.py --out $OUT/attention.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from serve_app.fa3_attention import fa3_attention, fa3_interface  # noqa: E402
+
+
+def cuda_ms(fn, repeats: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(10):  # back to back, so that the CPU's launch cost hides behind the GPU work
+            fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 10)
+    return statistics.median(times)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--seq", type=int, default=4096 + 128)
+    p.add_argument("--heads", type=int, default=30)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=50)
+    args = p.parse_args()
+    g = torch.Generator("cuda").manual_seed(0)
+    shape = (args.batch, args.seq, args.heads, args.head_dim)
+    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    t = lambda x: x.transpose(1, 2)
+    ref = t(F.scaled_dot_product_attention(t(q).float(), t(k).float(), t(v).float())).float()
+    flop = 4 * args.batch * args.heads * args.seq**2 * args.head_dim
+
+    def sdpa(backend=None):
+        def run():
+            if backend is None:
+                return t(F.scaled_dot_product_attention(t(q), t(k), t(v)))
+            with sdpa_kernel(backend):
+                return t(F.scaled_dot_product_attention(t(q), t(k), t(v)))
+        return run
+
+    variants = {"sdpa": sdpa(), "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION), "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION)}
+    fa3 = fa3_interface()
+    if fa3 is not None:
+        variants["fa3_bf16"] = lambda: fa3_attention(fa3, q, k, v)
+        variants["fa3_fp8"] = lambda: fa3_attention(fa3, q, k, v, fp8=True)
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape_bshd": shape,
+               "fa3_module": getattr(fa3, "__name__", None), "variants": {}}
+    for name, fn in variants.items():
+        try:
+            out = fn().float()
+            ms = cuda_ms(fn, args.repeats)
+            results["variants"][name] = {
+                "ms": ms, "tflops": flop / ms / 1e9,
+                "rel_l2_vs_fp32": ((out - ref).norm() / ref.norm()).item(),
+                "cosine_vs_fp32": F.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item(),
+            }
+        except Exception as e:
+            results["variants"][name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+        print(name, results["variants"][name], flush=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
