@@ -7,7 +7,7 @@ One device run, random-full weights (real architecture, random values), bf16, 10
      timings at batch 1 and 8, and how far the compiled embeddings are from the eager ones);
   4. one DiT forward for each variant in --variants: `eager`, `cudnn` / `flash` / `fa3` attention,
      `compile` (dynamic shapes), `compile_static` (a graph per shape), `fp8_compile`,
-     `fp8_compile_static` (native FP8 linears; `fp8ao_...`: torchao's); `..._cplxrope`: RoPE as diffusers'
+     `fp8_compile_static` (native FP8 linears; `fp8ao_...`: torchao's); `..._graph`: CUDA graphs of the whole forward; `..._fa3` / `..._fa3fp8`: FlashAttention-3 in bf16 / FP8; `..._cplxrope`: RoPE as diffusers'
      complex multiply instead of `serve_app.rotary`'s real arithmetic (the default); with `--batch-size` S also a batch of 1 and of 4 at S x S (per-image ratio);
   5. the VAE decode for each of --vae-variants: `eager`, `cudnn_benchmark`, `channels_last`
      (with cudnn_benchmark), `compile` (static, with both).
@@ -220,7 +220,7 @@ def main():
 
         def run():
             with torch.no_grad():  # as the engine runs it; a grad-mode change would recompile
-                return engine.transformer(list(lat.unbind(0)), t, caps, return_dict=False)
+                return engine.forward(list(lat.unbind(0)), t, caps)
 
         return run
 
@@ -234,7 +234,7 @@ def main():
 
     def fixed_forward(engine: DenoiserEngine) -> torch.Tensor:
         with torch.no_grad():
-            return engine.transformer(list(ref_in.unbind(0)), torch.full((1,), 0.5, device=args.device), [emb.to(dtype)], return_dict=False)[0][0].float()
+            return engine.forward(list(ref_in.unbind(0)), torch.full((1,), 0.5, device=args.device), [emb.to(dtype)])[0].float()
 
     ref_out = fixed_forward(dn)  # the eager bf16 DiT: what every variant is compared with
     for variant in [v for v in args.variants.split(",") if v]:
@@ -250,6 +250,7 @@ def main():
                 next((b for b in ("cudnn", "flash", "fa3", "fa3fp8") if b in toks), ""), "native"
             ),
             fp8_attention="fa3fp8" in toks,
+            cuda_graph="graph" in toks,
         )
         try:
             # every variant but eager gets a fresh transformer: fp8, compile and backends change it in place
@@ -259,6 +260,8 @@ def main():
             sync()
             first = time.perf_counter() - t0
             r = {"first_call_s": first, "applied": engine.acceleration}
+            if engine.graphs is not None:
+                r["graphs"] = engine.graphs.snapshot()
             r["forward"] = timed(forward_fn(engine), 10, warmup=2)
             r["forward_batch4"] = timed(forward_fn(engine, 4), 3, warmup=1)
             r["denoise_8_steps"] = timed(denoise_fn(engine), 3)

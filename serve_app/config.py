@@ -76,6 +76,9 @@ class DenoiserConfig(_Strict):
     # RoPE as real arithmetic, which Inductor fuses into the q/k norms, instead of diffusers' complex
     # multiply (separate kernels; 3.2 ms of a 94 ms compiled bf16 forward on H100). Same result in float32.
     real_rope: bool = True
+    # CUDA graphs of the whole DiT forward (serve_app/dit_graphs.py; GPU, SP 1): one per batch, size and
+    # padded caption length, batch 1 captured at warm-up for every warm-up size and caption length
+    cuda_graph: bool = False
     warmup_sizes: list[tuple[int, int]] = Field(default_factory=list)  # (height, width) warmed at start
     ulysses_degree: int = Field(1, ge=1)
     ring_degree: int = Field(1, ge=1)

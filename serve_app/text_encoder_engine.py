@@ -67,7 +67,9 @@ class TextEncoderEngine:
         )
         ids = inputs.input_ids.to(self.device)
         mask = inputs.attention_mask.to(self.device).bool()
-        if self.graphs is not None and self.graphs.has(*ids.shape):
+        if self.graphs is not None and self.graphs.bucket(ids.shape[0]) is not None:
+            if not self.graphs.has(*ids.shape):  # a shape warmup() did not see: capture it now
+                self.graphs.capture(ids.shape[1], self.device, [self.graphs.bucket(ids.shape[0])])
             return self.graphs.run(ids, lambda hidden: [hidden[i][mask[i]] for i in range(len(prompts))])
         if self.cfg.skip_last_layer:
             hidden = self.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state

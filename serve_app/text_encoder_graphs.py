@@ -46,10 +46,10 @@ class EncoderGraphs:
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.lock = threading.Lock()
 
-    def capture(self, length: int, device: torch.device) -> int:
-        """Capture every batch bucket at `length`; returns how many graphs were captured."""
+    def capture(self, length: int, device: torch.device, buckets: list[int] | None = None) -> int:
+        """Capture `buckets` (default: every batch bucket) at `length`; returns how many graphs were captured."""
         n = 0
-        for b in self.buckets:
+        for b in buckets or self.buckets:
             if (b, length) in self.graphs:
                 continue
             ids = torch.full((b, length), self.pad_token_id, dtype=torch.long, device=device)
