@@ -31,7 +31,15 @@ def accelerate_transformer(transformer, cfg: DenoiserConfig, device: torch.devic
     # one imports only the flash-attention repository's build and refuses masked calls.
     fa3 = None
     if settings.attention_backend == "_flash_3":
-        fa3 = "fp8" if settings.attention_fp8 else "bf16"
+        from serve_app.fa3_attention import INTERFACE_MODULES, fa3_interface
+
+        if fa3_interface() is not None:
+            fa3 = "fp8" if settings.attention_fp8 else "bf16"
+        else:  # installed but not loadable here (another torch or CUDA): SDPA
+            msg = f"attention backend '_flash_3': none of {', '.join(INTERFACE_MODULES)} imports; keeping the default"
+            log.warning(msg)
+            applied["engine"]["warnings"].append(msg)
+            settings.attention_backend = applied["engine"]["attention_backend"] = DEFAULT_ATTENTION_BACKEND
     if cfg.real_rope or fa3:
         replaced = use_own_processor(transformer, real_rope=cfg.real_rope, fa3=fa3) > 0
         applied["real_rope"] = replaced and cfg.real_rope
