@@ -1,6 +1,6 @@
 """One DiT attention call at Z-Image's 1024² shape (batch 1, 4096 image + 128 caption tokens, 30 heads of
-128), each backend on the same q, k, v: torch SDPA (its own pick, cuDNN, flash), FlashAttention-3 in bf16
-and with FP8 inputs (serve_app/fa3_attention.py, quantization included). CUDA events around 10 calls in a row, median of --repeats;
+128), each backend on the same q, k, v: torch SDPA (its own pick, cuDNN, flash) and FlashAttention-3
+(serve_app/fa3_attention.py). CUDA events around 10 calls in a row, median of --repeats;
 error against a float32 SDPA.
 
   python benchmarks/bench_attention.py --out $OUT/attention.json
@@ -65,8 +65,7 @@ def main():
     variants = {"sdpa": sdpa(), "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION), "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION)}
     fa3 = fa3_interface()
     if fa3 is not None:
-        variants["fa3_bf16"] = lambda: fa3_attention(fa3, q, k, v)
-        variants["fa3_fp8"] = lambda: fa3_attention(fa3, q, k, v, fp8=True)
+        variants["fa3"] = lambda: fa3_attention(fa3, q, k, v)
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape_bshd": shape,
                "fa3_module": getattr(fa3, "__name__", None), "variants": {}}
     for name, fn in variants.items():

@@ -7,7 +7,7 @@ One device run, random-full weights (real architecture, random values), bf16, 10
      timings at batch 1 and 8, and how far the compiled embeddings are from the eager ones);
   4. one DiT forward for each variant in --variants: `eager`, `cudnn` / `flash` / `fa3` attention,
      `compile` (dynamic shapes), `compile_static` (a graph per shape), `fp8_compile`,
-     `fp8_compile_static` (native FP8 linears; `fp8ao_...`: torchao's); `..._graph`: CUDA graphs of the whole forward; `..._fa3` / `..._fa3fp8`: FlashAttention-3 in bf16 / FP8; `..._cplxrope`: RoPE as diffusers'
+     `fp8_compile_static` (native FP8 linears; `fp8ao_...`: torchao's); `..._fa3`: FlashAttention-3; `..._cplxrope`: RoPE as diffusers'
      complex multiply instead of `serve_app.rotary`'s real arithmetic (the default); with `--batch-size` S also a batch of 1 and of 4 at S x S (per-image ratio);
   5. the VAE decode for each of --vae-variants: `eager`, `cudnn_benchmark`, `channels_last`
      (with cudnn_benchmark), `compile` (static, with both).
@@ -107,7 +107,8 @@ def main():
 
     log("building random-full engines")
     t0 = time.perf_counter()
-    cfg = AppConfig(model=model, denoiser=DenoiserConfig(attention_backend="native"))  # the reference: SDPA, eager
+    # the reference: eager text encoder (no CUDA graphs), SDPA attention
+    cfg = AppConfig(model=model, text_encoder=TextEncoderConfig(cuda_graph=False), denoiser=DenoiserConfig(attention_backend="native"))
     pipe = StagedPipeline(cfg)
     results["build_s"] = time.perf_counter() - t0
     te, dn, vae = pipe.text_encoder, pipe.denoiser, pipe.vae
@@ -156,10 +157,10 @@ def main():
 
     # --- 3. text encoder padding ---
     for pad in (False, True, False, True):
-        te.cfg = TextEncoderConfig(pad_to_max_length=pad)
+        te.cfg = TextEncoderConfig(pad_to_max_length=pad, cuda_graph=False)
         results[f"text_encoder_pad{'512' if pad else 'longest'}"] = timed(lambda: te.encode([PROMPT]), 20, warmup=3)
     results["text_encoder_tokens"] = te.count_tokens(PROMPT)
-    te.cfg = TextEncoderConfig()
+    te.cfg = TextEncoderConfig(cuda_graph=False)
     log(f"text encoder: {results['text_encoder_padlongest']} vs pad512 {results['text_encoder_pad512']}")
     emb = te.encode([PROMPT])[0]
     prompts8 = [PROMPT[: 40 + 25 * i] for i in range(8)]
@@ -192,7 +193,7 @@ def main():
 
         try:
             t0 = time.perf_counter()
-            te_g = TextEncoderEngine(model, TextEncoderConfig(cuda_graph=True))
+            te_g = TextEncoderEngine(model, TextEncoderConfig())
             r = {"graphs_captured": te_g.warmup()}
             sync()
             r["build_and_capture_s"] = time.perf_counter() - t0
@@ -220,7 +221,7 @@ def main():
 
         def run():
             with torch.no_grad():  # as the engine runs it; a grad-mode change would recompile
-                return engine.forward(list(lat.unbind(0)), t, caps)
+                return engine.transformer(list(lat.unbind(0)), t, caps, return_dict=False)
 
         return run
 
@@ -234,7 +235,7 @@ def main():
 
     def fixed_forward(engine: DenoiserEngine) -> torch.Tensor:
         with torch.no_grad():
-            return engine.forward(list(ref_in.unbind(0)), torch.full((1,), 0.5, device=args.device), [emb.to(dtype)])[0].float()
+            return engine.transformer(list(ref_in.unbind(0)), torch.full((1,), 0.5, device=args.device), [emb.to(dtype)], return_dict=False)[0][0].float()
 
     ref_out = fixed_forward(dn)  # the eager bf16 DiT: what every variant is compared with
     for variant in [v for v in args.variants.split(",") if v]:
@@ -246,11 +247,9 @@ def main():
             fp8=bool(toks & {"fp8", "fp8ao"}),
             fp8_impl="torchao" if "fp8ao" in toks else "native",
             real_rope="cplxrope" not in toks,
-            attention_backend={"cudnn": "_native_cudnn", "flash": "_native_flash", "fa3": "_flash_3", "fa3fp8": "_flash_3"}.get(
-                next((b for b in ("cudnn", "flash", "fa3", "fa3fp8") if b in toks), ""), "native"
+            attention_backend={"cudnn": "_native_cudnn", "flash": "_native_flash", "fa3": "_flash_3"}.get(
+                next((b for b in ("cudnn", "flash", "fa3") if b in toks), ""), "native"
             ),
-            fp8_attention="fa3fp8" in toks,
-            cuda_graph="graph" in toks,
         )
         try:
             # every variant but eager gets a fresh transformer: fp8, compile and backends change it in place
@@ -260,8 +259,6 @@ def main():
             sync()
             first = time.perf_counter() - t0
             r = {"first_call_s": first, "applied": engine.acceleration}
-            if engine.graphs is not None:
-                r["graphs"] = engine.graphs.snapshot()
             r["forward"] = timed(forward_fn(engine), 10, warmup=2)
             r["forward_batch4"] = timed(forward_fn(engine, 4), 3, warmup=1)
             r["denoise_8_steps"] = timed(denoise_fn(engine), 3)

@@ -4,13 +4,14 @@
 #   PARTS="fp8 bf16 b512" bash benchmarks/gpu_fast_path.sh <commit>
 #   fp8   diffusers ZImagePipeline vs our pipeline vs our server (c=1, c=20), FP8 DiT, 1024²
 #   fp8srv  only the server part of fp8
-#   bf16  the same without FP8 (pipeline and server only: diffusers is the same as in fp8)
+#   bf16  the same without FP8 (pipeline and server only: diffusers is the same as in fp8); bf16srv: its server part
 #   b512  the FP8 server at 512², c=32: every stage at max_batch_size 1, then DiT batches of up to 8
 #   cold  cold start of the FP8 server (start_to_healthy_s, each replica's build / warmup): a fresh, empty
 #         compile cache, then the same server restarted on that cache
 #   stages  engine level (bench_stages.py): compiled DiT bf16 and FP8 with RoPE in real arithmetic vs
 #         diffusers' complex multiply (+ profiles), text encoder, VAE compile
-# Run from the repository root on the device, after the line bundle.sh prints.
+# Run from the repository root on the device, after the line bundle.sh prints (and, for FlashAttention-3,
+# with the fa3-fwd wheel's files unpacked into the same site folder).
 set -u
 COMMIT=${1:-unknown}
 PARTS=${PARTS:-"fp8 bf16 b512"}
@@ -45,6 +46,7 @@ for p in $PARTS; do
           echo "rc=$?"; tail -n 25 "$OUT/stages.log" ;;
     fp8) part fp8 340 "${COMMON[@]}" --set denoiser.fp8=true --runs 4 --warmup 1 --c1-requests 8 --cn-requests 40 --label "fp8 + vae compile" ;;
     fp8srv) part fp8-server 220 "${COMMON[@]}" --only server --set denoiser.fp8=true --c1-requests 8 --cn-requests 40 --label "fp8 + vae compile, server" ;;
+    bf16srv) part bf16-server 170 "${COMMON[@]}" --only server --c1-requests 8 --cn-requests 30 --label "bf16 + vae compile, server" ;;
     bf16) part bf16 230 "${COMMON[@]}" --only pipeline,server --runs 3 --warmup 1 --c1-requests 8 --cn-requests 30 --label "bf16 + vae compile" ;;
     b512) part b512-batch1 170 "${COMMON[@]}" "${B512[@]}" --label "512 fp8, every stage batch 1" \
             --set denoiser_deployment.max_batch_size=1 --set text_encoder_deployment.max_batch_size=1 --set vae_deployment.max_batch_size=1

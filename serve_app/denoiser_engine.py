@@ -24,7 +24,6 @@ from serve_app.compile_cache import use_compile_cache
 from serve_app.config import DenoiserConfig, ModelConfig
 from serve_app.devices import resolve_device, resolve_dtype
 from serve_app.dit_acceleration import accelerate_transformer
-from serve_app.dit_graphs import CAPTION_PAD, DiTGraphs
 from serve_app.model_sources import load_scheduler_config, load_transformer
 
 VAE_SCALE_FACTOR = 8  # Flux VAE: 2 ** (len(block_out_channels) - 1)
@@ -61,7 +60,7 @@ def initial_noise(seed: int, channels: int, height: int, width: int) -> torch.Te
     return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
 
 
-WARMUP_CAPTION_TOKENS = 512  # the text encoder's default max_sequence_length: graphs warmed up to it
+CAPTION_PAD = 32  # Z-Image pads each caption to a multiple of 32 tokens (its pad token is attended)
 
 
 def group_by_shape(requests: list[DenoiseRequest], same_caption_length: bool = False) -> dict[tuple, list[int]]:
@@ -121,18 +120,6 @@ class DenoiserEngine:
         self.same_caption_length_batches = False  # set by the SP engine (see DenoiserConfig)
         self.acceleration = accelerate_transformer(self.transformer, cfg, self.device)
         self.acceleration["compile_cache_dir"] = self.compile_cache_dir
-        # CUDA graphs of the whole forward (GPU only; the SP engine keeps them off: its collectives and
-        # split hooks run inside the forward)
-        self.graphs = DiTGraphs(self.transformer) if cfg.cuda_graph and self.device.type == "cuda" else None
-        self.acceleration["cuda_graph"] = self.graphs is not None
-
-    def forward(self, latents: list[torch.Tensor], timestep: torch.Tensor, embeds: list[torch.Tensor]) -> list[torch.Tensor]:
-        """One DiT forward: through a CUDA graph where one applies, else eagerly."""
-        if self.graphs is not None:
-            out = self.graphs.forward(latents, timestep, embeds)
-            if out is not None:
-                return out
-        return self.transformer(latents, timestep, embeds, return_dict=False)[0]
 
     def _scheduler(self, steps: int, image_seq_len: int):
         from diffusers import FlowMatchEulerDiscreteScheduler
@@ -187,7 +174,7 @@ class DenoiserEngine:
                 latent_in = torch.cat([latent_in, latent_in[cfg_idx]])
                 timestep = torch.cat([timestep, timestep[cfg_idx]])
             latent_list = list(latent_in.unsqueeze(2).unbind(dim=0))
-            model_out = self.forward(latent_list, timestep, embeds)
+            model_out = self.transformer(latent_list, timestep, embeds, return_dict=False)[0]
             self.stats.record_forward({tuple(x.shape) for x in latent_list}, len(latent_list))
             preds = [o.float() for o in model_out[:n]]
             for j, i in enumerate(cfg_idx):
@@ -206,9 +193,6 @@ class DenoiserEngine:
         warms the masked graph when batches may mix caption lengths."""
         for h, w in sizes:
             self.denoise([DenoiseRequest(embeds=torch.zeros(16, self.cap_feat_dim), height=h, width=w, steps=steps, seed=0)])
-            if self.graphs is not None:  # a graph per padded caption length at batch 1 (~3 forwards each)
-                for n in range(2 * CAPTION_PAD, WARMUP_CAPTION_TOKENS + 1, CAPTION_PAD):
-                    self.denoise([DenoiseRequest(embeds=torch.zeros(n, self.cap_feat_dim), height=h, width=w, steps=1, seed=0)])
             if batch > 1:
                 lengths = (16, 16) if self.same_caption_length_batches else (16, 48)
                 self.denoise([DenoiseRequest(embeds=torch.zeros(n, self.cap_feat_dim), height=h, width=w, steps=steps, seed=0) for n in lengths])

@@ -25,16 +25,15 @@ def accelerate_transformer(transformer, cfg: DenoiserConfig, device: torch.devic
     """Apply the attention backend, FP8 and regional compilation chosen for `device` from `cfg`; return
     what was applied, with the choice itself (and its fallbacks) under "engine"."""
     settings = choose_engine_settings(detect_platform(device), cfg)
-    applied: dict = {"attention_backend": None, "fp8": False, "compile": False, "real_rope": False,
-                     "attention_fp8": False, "engine": settings.as_dict()}
+    applied: dict = {"attention_backend": None, "fp8": False, "compile": False, "real_rope": False, "engine": settings.as_dict()}
     # FA3 is called by our processor (serve_app/fa3_attention.py), not through diffusers' `_flash_3`: that
     # one imports only the flash-attention repository's build and refuses masked calls.
-    fa3 = None
+    fa3 = False
     if settings.attention_backend == "_flash_3":
         from serve_app.fa3_attention import INTERFACE_MODULES, fa3_interface
 
         if fa3_interface() is not None:
-            fa3 = "fp8" if settings.attention_fp8 else "bf16"
+            fa3 = True
         else:  # installed but not loadable here (another torch or CUDA): SDPA
             msg = f"attention backend '_flash_3': none of {', '.join(INTERFACE_MODULES)} imports; keeping the default"
             log.warning(msg)
@@ -44,7 +43,7 @@ def accelerate_transformer(transformer, cfg: DenoiserConfig, device: torch.devic
         replaced = use_own_processor(transformer, real_rope=cfg.real_rope, fa3=fa3) > 0
         applied["real_rope"] = replaced and cfg.real_rope
         if fa3 and replaced:
-            applied["attention_backend"], applied["attention_fp8"] = "_flash_3", fa3 == "fp8"
+            applied["attention_backend"] = "_flash_3"
     if settings.attention_backend not in (DEFAULT_ATTENTION_BACKEND, "_flash_3"):
         try:
             transformer.set_attention_backend(settings.attention_backend)

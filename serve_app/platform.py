@@ -85,7 +85,6 @@ class EngineSettings:
     compile: CompileSettings
     collective_backend: Literal["nccl", "gloo"]  # "nccl" is RCCL on ROCm (same torch name)
     collective_env: dict[str, str] = field(default_factory=dict)
-    attention_fp8: bool = False  # FA3 with FP8 q/k/v (only with attention_backend "_flash_3" on an FP8 chip)
     warnings: list[str] = field(default_factory=list)  # every fallback taken, also logged
 
     @property
@@ -113,7 +112,6 @@ class EngineSettings:
         return {
             "platform": self.platform.as_dict(),
             "attention_backend": self.attention_backend,
-            "attention_fp8": self.attention_fp8,
             "fp8": self.fp8,
             "fp8_dtype": self.fp8_dtype,
             "fp8_supported_dtype": self.fp8_supported_dtype,
@@ -392,19 +390,8 @@ def choose_engine_settings(platform: PlatformInfo, denoiser_cfg, *, importable: 
         dynamic=bool(getattr(denoiser_cfg, "compile_dynamic", True)),
     )
 
-    # FP8 attention: FA3's FP8 kernels, so only with FA3 chosen and an FP8 chip
-    attention_fp8 = False
-    if getattr(denoiser_cfg, "fp8_attention", False):
-        if attention != "_flash_3":
-            warn(f"fp8_attention needs the '_flash_3' attention backend (FlashAttention-3), not {attention!r}; attention stays bf16")
-        elif supported_dtype != "float8_e4m3fn":
-            warn(f"fp8_attention needs float8_e4m3fn matrix cores ({platform.chip or platform.vendor} has {supported_dtype}); attention stays bf16")
-        else:
-            attention_fp8 = True
-
     backend, env = collective_for(platform)
     return EngineSettings(
-        attention_fp8=attention_fp8,
         platform=platform,
         attention_backend=attention,
         fp8=fp8,

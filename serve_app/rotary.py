@@ -57,13 +57,13 @@ def output_projection(attn, out: torch.Tensor, dtype: torch.dtype) -> torch.Tens
 class ZImageRealRopeAttnProcessor:
     """diffusers 0.42's `ZSingleStreamAttnProcessor`, operation for operation, with `rope` (by default
     `apply_rotary_emb` above, in place of the complex multiply) and optionally FlashAttention-3
-    (`serve_app.fa3_attention`, `fa3` = "bf16" or "fp8") for the unmasked calls. Keeps the attention
-    backend it replaces for everything else."""
+    (`serve_app.fa3_attention`) for the unmasked calls. Keeps the attention backend it replaces for
+    everything else."""
 
     _attention_backend = None
     _parallel_config = None
 
-    def __init__(self, rope=apply_rotary_emb, fa3: str | None = None):
+    def __init__(self, rope=apply_rotary_emb, fa3: bool = False):
         self.rope = rope
         self.fa3 = fa3
         self.fa3_module = None
@@ -79,7 +79,7 @@ class ZImageRealRopeAttnProcessor:
         if self.fa3 and attention_mask is None:
             from serve_app.fa3_attention import fa3_attention
 
-            out = fa3_attention(self.fa3_module, query, key, value, fp8=self.fa3 == "fp8")
+            out = fa3_attention(self.fa3_module, query, key, value)
             return output_projection(attn, out, query.dtype)
         if attention_mask is not None and attention_mask.ndim == 2:
             attention_mask = attention_mask[:, None, None, :]
@@ -90,7 +90,7 @@ class ZImageRealRopeAttnProcessor:
         return output_projection(attn, out, query.dtype)
 
 
-def use_own_processor(transformer, real_rope: bool = True, fa3: str | None = None) -> int:
+def use_own_processor(transformer, real_rope: bool = True, fa3: bool = False) -> int:
     """Install `ZImageRealRopeAttnProcessor` (RoPE real or complex, FA3 or not) on every attention of
     `transformer` that has diffusers' Z-Image processor or ours, keeping its backend; returns how many
     were replaced."""

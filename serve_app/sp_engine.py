@@ -102,7 +102,7 @@ class SequenceParallelDenoiser:
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
         self.cfg = cfg
-        base = cfg.model_copy(update={"fp8": False, "compile": False, "cuda_graph": False})
+        base = cfg.model_copy(update={"fp8": False, "compile": False})
         self.engine = DenoiserEngine(model_cfg, base, device=device)
         self.engine.same_caption_length_batches = cfg.sp_same_caption_length_batches
         self.device = self.engine.device

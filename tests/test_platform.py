@@ -177,15 +177,3 @@ def test_engines_apply_the_platform_choice_on_cpu(tiny_dir):
     [lat] = eng.denoise([DenoiseRequest(embeds=torch.zeros(8, eng.cap_feat_dim), height=64, width=64, steps=1, seed=0)])
     assert torch.isfinite(lat).all()
 
-
-def test_fp8_attention_needs_fa3_and_an_e4m3fn_chip(caplog):
-    fa3 = importable("fa3_fwd_interface")
-    s = settings(H100, fa3, fp8_attention=True)
-    assert s.attention_backend == "_flash_3" and s.attention_fp8 and s.as_dict()["attention_fp8"] is True
-    with caplog.at_level(logging.WARNING, logger="serve_app.platform"):
-        no_fa3 = settings(H100, fp8_attention=True)
-        sdpa = settings(H100, fa3, fp8_attention=True, attention_backend="native")
-        a100 = settings(A100, fa3, fp8_attention=True)
-    assert not (no_fa3.attention_fp8 or sdpa.attention_fp8 or a100.attention_fp8)
-    assert all(any("fp8_attention" in w for w in x.warnings) for x in (no_fa3, sdpa, a100))
-    assert not settings(H100, fa3).attention_fp8  # off unless asked for

