@@ -19,7 +19,7 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 CFG=configs/random-full-1gpu.yaml
-COMMON=(--config $CFG --output-format jpeg --commit "$COMMIT")
+COMMON=(--config $CFG --output-format jpeg --commit "$COMMIT" --ray-logs)  # replica logs into each part's log
 B512=(--only server --size 512x512 --c1-requests 8 --cn-requests 96 --concurrency 32 --cn-warmup 16
       --set 'denoiser.warmup_sizes=[[512,512]]' --set denoiser.fp8=true
       --set denoiser_deployment.max_ongoing_requests=16 --set text_encoder_deployment.max_ongoing_requests=64)
