@@ -30,13 +30,14 @@ part() {  # name, time limit, compare.py arguments...
   timeout "$limit" python benchmarks/compare.py "$@" --out "$OUT/compare-$name.json" > "$OUT/compare-$name.log" 2>&1
   echo "rc=$?"
   grep -A14 "^=====" "$OUT/compare-$name.log" | head -30
+  ray stop --force > /dev/null 2>&1  # nothing of a failed part may hold the GPU for the next
 }
 
 for p in $PARTS; do
   case $p in
     cold) CC=/tmp/cold-cache-$$; rm -rf "$CC"
           for run in empty warm; do
-            part cold-$run 300 "${COMMON[@]}" --only server --set denoiser.fp8=true --set model.compile_cache_dir=$CC \
+            part cold-$run 200 "${COMMON[@]}" --only server --set denoiser.fp8=true --set model.compile_cache_dir=$CC \
               --c1-requests 4 --cn-requests 4 --concurrency 2 --cn-warmup 0 --label "cold start, $run compile cache"
           done ;;
     stages) echo "=== stages (limit 300s) $(date +%T)"
