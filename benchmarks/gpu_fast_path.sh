@@ -35,9 +35,9 @@ part() {  # name, time limit, compare.py arguments...
 
 for p in $PARTS; do
   case $p in
-    cold) CC=/tmp/cold-cache-$$; rm -rf "$CC"
+    cold) CACHE=/tmp/cold-cache-$$; rm -rf "$CACHE"  # not $CC: Triton builds its helpers with the compiler named by $CC
           for run in empty warm; do
-            part cold-$run 200 "${COMMON[@]}" --only server --set denoiser.fp8=true --set model.compile_cache_dir=$CC \
+            part cold-$run 200 "${COMMON[@]}" --only server --set denoiser.fp8=true --set model.compile_cache_dir=$CACHE \
               --c1-requests 4 --cn-requests 4 --concurrency 2 --cn-warmup 0 --label "cold start, $run compile cache"
           done ;;
     stages) echo "=== stages (limit 300s) $(date +%T)"
