@@ -166,51 +166,32 @@ def main():
     prompts8 = [PROMPT[: 40 + 25 * i] for i in range(8)]
     results["text_encoder_batch8"] = timed(lambda: te.encode(prompts8), 10, warmup=2)
     save()
-    if args.te_compile:
+    # the text encoder's speed switches against the eager one (`te`, `emb` above)
+    te_variants = {"compiled": TextEncoderConfig(compile=True), "cuda_graph": TextEncoderConfig(cuda_graph=True)}
+    for name, wanted in (("compiled", args.te_compile), ("cuda_graph", args.te_graph)):
+        if not wanted:
+            continue
         from serve_app.text_encoder_engine import TextEncoderEngine
 
         try:
             t0 = time.perf_counter()
-            te_c = TextEncoderEngine(model, TextEncoderConfig(compile=True))
-            te_c.warmup()
+            te_v = TextEncoderEngine(model, te_variants[name])
+            r = {"warmup_forwards_or_graphs": te_v.warmup()}
             sync()
-            r = {"build_and_warmup_s": time.perf_counter() - t0}
-            r["batch1"] = timed(lambda: te_c.encode([PROMPT]), 20, warmup=3)
-            r["batch8"] = timed(lambda: te_c.encode(prompts8), 10, warmup=2)
-            a, b = emb.float(), te_c.encode([PROMPT])[0].float()
-            r["vs_eager"] = {"max_abs_diff": (a - b).abs().max().item(), "rel_l2": ((a - b).norm() / a.norm()).item(),
-                             "cosine": torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()}
-            results["text_encoder_compiled"] = r
-            log(f"text encoder compiled: {r}")
-            del te_c
+            r["build_and_warmup_s"] = time.perf_counter() - t0
+            r["batch1"] = timed(lambda: te_v.encode([PROMPT]), 20, warmup=3)
+            r["batch8"] = timed(lambda: te_v.encode(prompts8), 10, warmup=2)
+            for key, (a, b) in {"vs_eager": (emb, te_v.encode([PROMPT])[0]),
+                                "batch8_vs_eager": (torch.cat(te.encode(prompts8)), torch.cat(te_v.encode(prompts8)))}.items():
+                a, b = a.float(), b.float()
+                r[key] = {"max_abs_diff": (a - b).abs().max().item(), "rel_l2": ((a - b).norm() / a.norm()).item(),
+                          "cosine": torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()}
+            results[f"text_encoder_{name}"] = r
+            log(f"text encoder {name}: {r}")
+            del te_v
         except Exception as e:
-            results["text_encoder_compiled"] = {"error": f"{type(e).__name__}: {e}"[:500]}
-            log(f"text encoder compile failed: {e}")
-        save()
-
-    if args.te_graph:
-        from serve_app.text_encoder_engine import TextEncoderEngine
-
-        try:
-            t0 = time.perf_counter()
-            te_g = TextEncoderEngine(model, TextEncoderConfig())
-            r = {"graphs_captured": te_g.warmup()}
-            sync()
-            r["build_and_capture_s"] = time.perf_counter() - t0
-            r["batch1"] = timed(lambda: te_g.encode([PROMPT]), 20, warmup=3)
-            r["batch8"] = timed(lambda: te_g.encode(prompts8), 10, warmup=2)
-            a, b = emb.float(), te_g.encode([PROMPT])[0].float()
-            r["vs_eager"] = {"max_abs_diff": (a - b).abs().max().item(), "rel_l2": ((a - b).norm() / a.norm()).item(),
-                             "cosine": torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()}
-            a8 = torch.cat(te.encode(prompts8)).float()
-            b8 = torch.cat(te_g.encode(prompts8)).float()
-            r["batch8_vs_eager_rel_l2"] = ((a8 - b8).norm() / a8.norm()).item()
-            results["text_encoder_cuda_graph"] = r
-            log(f"text encoder CUDA graphs: {r}")
-            del te_g
-        except Exception as e:
-            results["text_encoder_cuda_graph"] = {"error": f"{type(e).__name__}: {e}"[:500]}
-            log(f"text encoder CUDA graphs failed: {e}")
+            results[f"text_encoder_{name}"] = {"error": f"{type(e).__name__}: {e}"[:500]}
+            log(f"text encoder {name} failed: {e}")
         save()
 
     # --- 4. DiT forward per variant ---
