@@ -57,8 +57,8 @@ def output_projection(attn, out: torch.Tensor, dtype: torch.dtype) -> torch.Tens
 class ZImageRealRopeAttnProcessor:
     """diffusers 0.42's `ZSingleStreamAttnProcessor`, operation for operation, with `rope` (by default
     `apply_rotary_emb` above, in place of the complex multiply) and optionally FlashAttention-3
-    (`serve_app.fa3_attention`) for the unmasked calls. Keeps the attention backend it replaces for
-    everything else."""
+    (`serve_app.fa3_attention`) for the unmasked calls that are not sequence-parallel. Keeps the
+    attention backend it replaces for everything else."""
 
     _attention_backend = None
     _parallel_config = None
@@ -76,7 +76,9 @@ class ZImageRealRopeAttnProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None):
         query, key, value = rotated_qkv(attn, hidden_states, freqs_cis, self.rope)
-        if self.fa3 and attention_mask is None:
+        # FA3 only for local attention: under diffusers' context parallelism (`_parallel_config` set) the
+        # Ulysses / ring exchange happens inside dispatch_attention_fn, which must then run
+        if self.fa3 and attention_mask is None and self._parallel_config is None:
             from serve_app.fa3_attention import fa3_attention
 
             out = fa3_attention(self.fa3_module, query, key, value)

@@ -67,3 +67,28 @@ def test_no_fa3_build_keeps_sdpa(tiny_dir, monkeypatch):
             use_own_processor(_engine(tiny_dir).transformer, fa3=True)
     finally:
         fa3_attention.fa3_interface.cache_clear()
+
+
+def test_sequence_parallel_attention_stays_with_diffusers_dispatch(tiny_dir, reference_fa3, monkeypatch):
+    """Under diffusers' context parallelism the Ulysses / ring exchange happens inside
+    `dispatch_attention_fn`: a processor with a parallel config must call it even when FA3 is on."""
+    import serve_app.rotary as rotary
+
+    engine = _engine(tiny_dir)
+    use_own_processor(engine.transformer, fa3=True)
+    proc = engine.transformer.layers[0].attention.processor
+    dispatched = []
+
+    def recording_dispatch(q, k, v, parallel_config=None, **kw):
+        dispatched.append(parallel_config)
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+    monkeypatch.setattr(rotary, "dispatch_attention_fn", recording_dispatch)
+    attn = engine.transformer.layers[0].attention
+    x = torch.randn(1, 64, engine.transformer.config.dim)
+    with torch.no_grad():
+        proc(attn, x)
+        assert reference_fa3 and not dispatched  # local: FA3
+        proc._parallel_config = cp = object()
+        proc(attn, x)
+    assert dispatched == [cp] and len(reference_fa3) == 1
