@@ -8,6 +8,8 @@ Z-Image never reads.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from serve_app.compile_cache import use_compile_cache
@@ -15,6 +17,8 @@ from serve_app.config import ModelConfig, TextEncoderConfig
 from serve_app.devices import resolve_device, resolve_dtype
 from serve_app.model_sources import load_text_encoder, load_tokenizer
 from serve_app.text_encoder_graphs import EncoderGraphs
+
+log = logging.getLogger(__name__)
 
 
 class TextEncoderEngine:
@@ -68,31 +72,46 @@ class TextEncoderEngine:
         ids = inputs.input_ids.to(self.device)
         mask = inputs.attention_mask.to(self.device).bool()
         if self.graphs is not None and self.graphs.bucket(ids.shape[0]) is not None:
-            if not self.graphs.has(*ids.shape):  # a shape warmup() did not see: capture it now
-                self.graphs.capture(ids.shape[1], self.device, [self.graphs.bucket(ids.shape[0])])
-            return self.graphs.run(ids, lambda hidden: [hidden[i][mask[i]] for i in range(len(prompts))])
+            # a shape warmup() did not see is captured now
+            if self.graphs.has(*ids.shape) or self._capture(ids.shape[1], [self.graphs.bucket(ids.shape[0])]):
+                return self.graphs.run(ids, lambda hidden: [hidden[i][mask[i]] for i in range(len(prompts))])
         if self.cfg.skip_last_layer:
             hidden = self.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         else:
             hidden = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states[-2]
         return [hidden[i][mask[i]] for i in range(len(prompts))]
 
+    def _capture(self, length: int, buckets: list[int] | None = None) -> int:
+        """Capture graphs at `length`; on failure, log it and run eagerly from now on (never crash)."""
+        try:
+            return self.graphs.capture(length, self.device, buckets)
+        except Exception as e:
+            log.warning("text encoder CUDA graphs off, capture at length %d failed: %s: %s", length, type(e).__name__, e)
+            self.graphs = None
+            return 0
+
     @torch.no_grad()
     def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> int:
         """One forward per padded length the engine can see (multiples of `pad_to_multiple_of` up to
         `max_sequence_length`), so that no request pays for a new shape's kernel selection (on H100 the
         first forward at a new length costs ~80 ms more). A compiled encoder also runs batch 2: Dynamo
-        specialises on batch 1 and compiles once more for the first larger batch. With `cuda_graph`, captures a graph per batch bucket
-        and length instead. Returns the number of forwards run or graphs captured."""
+        specialises on batch 1 and compiles once more for the first larger batch. With `cuda_graph`,
+        captures a graph per batch bucket and length instead. Returns the number of forwards run or
+        graphs captured."""
         if self.compiled and 2 not in batch_sizes:
             batch_sizes = (*batch_sizes, 2)
         step, top = self.cfg.pad_to_multiple_of, self.cfg.max_sequence_length
         lengths = [top] if self.cfg.pad_to_max_length else list(range(step, top + step, step))
         if len(lengths) > 64:  # no bucketing: too many shapes to warm, keep the first few
             lengths = lengths[:8]
-        if self.graphs is not None:
-            return sum(self.graphs.capture(length, self.device) for length in lengths)
         n = 0
+        for length in lengths if self.graphs is not None else []:
+            n += self._capture(length)
+            if self.graphs is None:  # a capture failed: warm the eager forwards instead
+                n = 0
+                break
+        if self.graphs is not None:
+            return n
         for b in batch_sizes:
             for length in lengths:
                 ids = torch.full((b, length), self.tokenizer.pad_token_id or 0, dtype=torch.long, device=self.device)

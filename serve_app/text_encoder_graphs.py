@@ -44,12 +44,14 @@ class EncoderGraphs:
         self.skip_last_layer = skip_last_layer
         self.pad_token_id = pad_token_id
         self.buckets = batch_buckets(max_batch)
-        self.pool = torch.cuda.graph_pool_handle()  # replays never overlap, so all graphs share one pool
+        self.pool = None  # made at the first capture; replays never overlap, so all graphs share it
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.lock = threading.Lock()
 
     def capture(self, length: int, device: torch.device, buckets: list[int] | None = None) -> int:
         """Capture `buckets` (default: every batch bucket) at `length`; returns how many graphs were captured."""
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
         n = 0
         for b in buckets or self.buckets:
             if (b, length) in self.graphs:
@@ -62,7 +64,8 @@ class EncoderGraphs:
                     unmasked_states(self.model, ids, self.skip_last_layer)
             torch.cuda.current_stream(device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            # thread_local: a stats call on another thread of the replica must not void the capture
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 out = unmasked_states(self.model, ids, self.skip_last_layer)
             self.graphs[(b, length)] = (graph, ids, out)
             n += 1

@@ -7,7 +7,7 @@ import torch
 
 from serve_app.config import ModelConfig, TextEncoderConfig
 from serve_app.text_encoder_engine import TextEncoderEngine
-from serve_app.text_encoder_graphs import batch_buckets, unmasked_states
+from serve_app.text_encoder_graphs import EncoderGraphs, batch_buckets, unmasked_states
 
 PROMPTS = ["a cat", "an astronaut riding a horse on the moon, digital art, highly detailed", "山水画，远处的群山和云雾"]
 
@@ -43,3 +43,14 @@ def test_batch_buckets():
 def test_cuda_graphs_stay_off_on_cpu(tiny_dir):
     te = TextEncoderEngine(ModelConfig(source="tiny", tiny_dir=str(tiny_dir)), TextEncoderConfig())
     assert te.graphs is None and te.warmup() > 0 and len(te.encode(PROMPTS)) == 3
+
+
+def test_a_failed_capture_leaves_the_eager_encoder(tiny_dir, caplog):
+    te = TextEncoderEngine(ModelConfig(source="tiny", tiny_dir=str(tiny_dir)), TextEncoderConfig())
+    ref = te.encode(PROMPTS)
+    te.graphs = EncoderGraphs(te.model, True, te.tokenizer.pad_token_id, 8)  # on CPU no capture can succeed
+    with caplog.at_level("WARNING", logger="serve_app.text_encoder_engine"):
+        assert te.warmup() > 0  # the eager warm-up forwards ran instead
+    assert te.graphs is None and "CUDA graphs off" in caplog.text
+    for a, b in zip(te.encode(PROMPTS), ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
