@@ -41,7 +41,7 @@ class TextEncoderEngine:
             # the layers share the graph, as diffusers' compile_repeated_blocks does for the DiT.
             for layer in self.model.layers:
                 layer.compile(dynamic=True)
-        # CUDA graphs of the eager forward (not of a compiled one); captured by warmup()
+        # CUDA graphs of the eager forward (not of a compiled one); captured by warmup() or on first use
         self.graphs = None
         if cfg.cuda_graph and self.device.type == "cuda" and not self.compiled:
             pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
