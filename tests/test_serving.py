@@ -231,6 +231,7 @@ def test_stats_report_each_stage_platform_and_the_engine_choice(serve_app):
         assert set(startup) == {"build", "warmup"} and startup["build"] > 0 and startup["warmup"] > 0, startup
     engine = stats["denoiser"]["engine"]["engine"]
     assert (engine["attention_backend"], engine["fp8"], engine["collective_backend"]) == ("native", False, "gloo")
+    assert stats["text_encoder"]["cuda_graphs"] == 0  # on CPU the encoder runs eagerly
 
 
 def test_request_timeout_gives_504_and_frees_the_server(serve_app, tiny_dir):

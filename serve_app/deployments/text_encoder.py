@@ -39,7 +39,8 @@ class TextEncoderDeployment:
         return await asyncio.to_thread(self._encode, prompts)
 
     def stats(self) -> dict:
-        return self.stats_.snapshot()
+        # how many CUDA graphs the encoder replays (0: eager: on CPU, switched off, or a capture failed)
+        return {**self.stats_.snapshot(), "cuda_graphs": len(self.engine.graphs.graphs) if self.engine.graphs else 0}
 
     def ready(self) -> bool:
         return True
