@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
+from serve_app.fa3_attention import INTERFACE_MODULES, fa3_attention, fa3_interface
+
 
 def apply_rotary_emb(x_in: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     """x_in [B, S, H, D] (pairs of adjacent channels are the complex numbers), freqs_cis complex
@@ -65,22 +67,15 @@ class ZImageRealRopeAttnProcessor:
 
     def __init__(self, rope=apply_rotary_emb, fa3: bool = False):
         self.rope = rope
-        self.fa3 = fa3
-        self.fa3_module = None
-        if fa3:
-            from serve_app.fa3_attention import INTERFACE_MODULES, fa3_interface
-
-            self.fa3_module = fa3_interface()
-            if self.fa3_module is None:
-                raise RuntimeError(f"no FlashAttention-3 build found (tried {', '.join(INTERFACE_MODULES)})")
+        self.fa3_module = fa3_interface() if fa3 else None  # looked up here, outside any compiled region
+        if fa3 and self.fa3_module is None:
+            raise RuntimeError(f"no FlashAttention-3 build found (tried {', '.join(INTERFACE_MODULES)})")
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None):
         query, key, value = rotated_qkv(attn, hidden_states, freqs_cis, self.rope)
         # FA3 only for local attention: under diffusers' context parallelism (`_parallel_config` set) the
         # Ulysses / ring exchange happens inside dispatch_attention_fn, which must then run
-        if self.fa3 and attention_mask is None and self._parallel_config is None:
-            from serve_app.fa3_attention import fa3_attention
-
+        if self.fa3_module is not None and attention_mask is None and self._parallel_config is None:
             out = fa3_attention(self.fa3_module, query, key, value)
             return output_projection(attn, out, query.dtype)
         if attention_mask is not None and attention_mask.ndim == 2:
