@@ -3,7 +3,12 @@
 (serve_app/fa3_attention.py). CUDA events around 10 calls in a row, median of --repeats;
 error against a float32 SDPA.
 
+`--padded`: a batch whose items are shorter than the batch by 0, 32, 64, 96 keys in turn (captions of
+different lengths, padded at the end as Z-Image does): SDPA with the boolean key mask (what diffusers'
+dispatch runs) against FA3 given the key lengths.
+
   python benchmarks/bench_attention.py --out $OUT/attention.json
+  python benchmarks/bench_attention.py --batch 8 --seq 1152 --padded --out $OUT/attention-512-b8.json   # 512², batch 8
 """
 
 from __future__ import annotations
@@ -46,27 +51,33 @@ def main():
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--padded", action="store_true", help="items of different lengths in the batch (key mask / key lengths)")
     args = p.parse_args()
     g = torch.Generator("cuda").manual_seed(0)
     shape = (args.batch, args.seq, args.heads, args.head_dim)
     q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
     t = lambda x: x.transpose(1, 2)
-    ref = t(F.scaled_dot_product_attention(t(q).float(), t(k).float(), t(v).float())).float()
-    flop = 4 * args.batch * args.heads * args.seq**2 * args.head_dim
+    lengths = torch.tensor([args.seq - 32 * (i % 4) for i in range(args.batch)], dtype=torch.int32, device="cuda")
+    mask = (torch.arange(args.seq, device="cuda")[None, :] < lengths[:, None])[:, None, None, :] if args.padded else None
+    ref = t(F.scaled_dot_product_attention(t(q).float(), t(k).float(), t(v).float(), attn_mask=mask)).float()
+    flop = 4 * args.heads * args.head_dim * args.seq * (lengths.sum().item() if args.padded else args.batch * args.seq)
 
     def sdpa(backend=None):
         def run():
             if backend is None:
-                return t(F.scaled_dot_product_attention(t(q), t(k), t(v)))
+                return t(F.scaled_dot_product_attention(t(q), t(k), t(v), attn_mask=mask))
             with sdpa_kernel(backend):
-                return t(F.scaled_dot_product_attention(t(q), t(k), t(v)))
+                return t(F.scaled_dot_product_attention(t(q), t(k), t(v), attn_mask=mask))
         return run
 
     variants = {"sdpa": sdpa(), "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION), "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION)}
+    if args.padded:
+        variants["sdpa_efficient"] = sdpa(SDPBackend.EFFICIENT_ATTENTION)
     fa3 = fa3_interface()
     if fa3 is not None:
-        variants["fa3"] = lambda: fa3_attention(fa3, q, k, v)
+        variants["fa3"] = lambda: fa3_attention(fa3, q, k, v, key_lengths=lengths if args.padded else None)
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape_bshd": shape,
+               "key_lengths": lengths.tolist() if args.padded else None,
                "fa3_module": getattr(fa3, "__name__", None), "variants": {}}
     for name, fn in variants.items():
         try:

@@ -6,6 +6,11 @@
 #   fp8srv  only the server part of fp8
 #   bf16  the same without FP8 (pipeline and server only: diffusers is the same as in fp8); bf16srv: its server part
 #   b512  the FP8 server at 512², c=32: every stage at max_batch_size 1, then DiT batches of up to 8
+#         (denoiser.max_batch_pixels raised to 2 x 1024² so that eight 512² images fit one batch)
+#   b1024 the FP8 server at 1024², c=20, DiT batches of up to 2 (max_batch_pixels 2 x 1024²): against fp8srv
+#   tput  fp8srv with Ray Serve's throughput-optimized mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1: gRPC between
+#         replicas, direct ingress, user code on the replica's event loop)
+#   attn  bench_attention.py: 1024² batch 1; 512² batch 8 and 1024² batch 2 with padded captions
 #   cold  cold start of the FP8 server (start_to_healthy_s, each replica's build / warmup): a fresh, empty
 #         compile cache, then the same server restarted on that cache
 #   stages  engine level (bench_stages.py): compiled DiT bf16 and FP8 with RoPE in real arithmetic vs
@@ -51,6 +56,16 @@ for p in $PARTS; do
     bf16) part bf16 230 "${COMMON[@]}" --only pipeline,server --runs 3 --warmup 1 --c1-requests 8 --cn-requests 30 --label "bf16 + vae compile" ;;
     b512) part b512-batch1 170 "${COMMON[@]}" "${B512[@]}" --label "512 fp8, every stage batch 1" \
             --set denoiser_deployment.max_batch_size=1 --set text_encoder_deployment.max_batch_size=1 --set vae_deployment.max_batch_size=1
-          part b512-batch8 170 "${COMMON[@]}" "${B512[@]}" --label "512 fp8, DiT batches up to 8" --set denoiser_deployment.max_batch_size=8 ;;
+          part b512-batch8 170 "${COMMON[@]}" "${B512[@]}" --label "512 fp8, DiT batches up to 8" --set denoiser_deployment.max_batch_size=8 \
+            --set denoiser.max_batch_pixels=2097152 ;;
+    b1024) part b1024-batch2 220 "${COMMON[@]}" --only server --set denoiser.fp8=true --c1-requests 8 --cn-requests 40 \
+            --set denoiser.max_batch_pixels=2097152 --label "fp8, 1024² DiT batches of up to 2, server" ;;
+    tput) RAY_SERVE_THROUGHPUT_OPTIMIZED=1 part fp8-server-tput 220 "${COMMON[@]}" --only server --set denoiser.fp8=true \
+            --c1-requests 12 --cn-requests 40 --label "fp8 server, RAY_SERVE_THROUGHPUT_OPTIMIZED=1" ;;
+    fp8ps) part fp8-pipeline-server 300 "${COMMON[@]}" --only pipeline,server --set denoiser.fp8=true --runs 6 --warmup 1 \
+            --c1-requests 12 --cn-requests 40 --label "fp8 + vae compile, pipeline and server" ;;
+    attn) for a in "--batch 1 --seq 4224" "--batch 8 --seq 1152 --padded" "--batch 2 --seq 4224 --padded"; do
+            echo "=== attention $a"; timeout 120 python benchmarks/bench_attention.py $a --out "$OUT/attention-$(echo $a | tr -d ' -').json" 2>&1 | tail -n 6
+          done ;;
   esac
 done

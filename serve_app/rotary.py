@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-from serve_app.fa3_attention import INTERFACE_MODULES, fa3_attention, fa3_interface
+from serve_app.fa3_attention import INTERFACE_MODULES, fa3_attention, fa3_interface, key_lengths_of
 
 
 def apply_rotary_emb(x_in: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
@@ -59,7 +59,7 @@ def output_projection(attn, out: torch.Tensor, dtype: torch.dtype) -> torch.Tens
 class ZImageRealRopeAttnProcessor:
     """diffusers 0.42's `ZSingleStreamAttnProcessor`, operation for operation, with `rope` (by default
     `apply_rotary_emb` above, in place of the complex multiply) and optionally FlashAttention-3
-    (`serve_app.fa3_attention`) for the unmasked calls that are not sequence-parallel. Keeps the
+    (`serve_app.fa3_attention`) for the calls that are not sequence-parallel, key-padded batches included. Keeps the
     attention backend it replaces for everything else."""
 
     _attention_backend = None
@@ -74,9 +74,13 @@ class ZImageRealRopeAttnProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None):
         query, key, value = rotated_qkv(attn, hidden_states, freqs_cis, self.rope)
         # FA3 only for local attention: under diffusers' context parallelism (`_parallel_config` set) the
-        # Ulysses / ring exchange happens inside dispatch_attention_fn, which must then run
-        if self.fa3_module is not None and attention_mask is None and self._parallel_config is None:
-            out = fa3_attention(self.fa3_module, query, key, value)
+        # Ulysses / ring exchange happens inside dispatch_attention_fn, which must then run. A mask is
+        # Z-Image's key-padding mask ([B, S] bool, a prefix per item): FA3 takes it as key lengths.
+        if self.fa3_module is not None and self._parallel_config is None and (
+            attention_mask is None or (attention_mask.ndim == 2 and attention_mask.dtype == torch.bool)
+        ):
+            lengths = None if attention_mask is None else key_lengths_of(attention_mask)
+            out = fa3_attention(self.fa3_module, query, key, value, key_lengths=lengths)
             return output_projection(attn, out, query.dtype)
         if attention_mask is not None and attention_mask.ndim == 2:
             attention_mask = attention_mask[:, None, None, :]

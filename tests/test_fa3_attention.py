@@ -1,8 +1,9 @@
 """FlashAttention-3 in the DiT (serve_app/fa3_attention.py): the processor's routing.
 
 FA3 runs only on Hopper GPUs; here a plain-torch implementation of its documented `flash_attn_func`
-(q, k, v as [B, S, H, D]) stands in for the kernel, so that what is ours is tested on CPU: the layout
-handed over and that masked calls go to SDPA. The kernel itself is measured on the GPU
+(q, k, v as [B, S, H, D]) and `flash_attn_varlen_func` (sequences laid end to end, `cu_seqlens` offsets,
+`seqused_k` keys used per sequence) stands in for the kernel, so that what is ours is tested on CPU: the
+layout handed over and a key-padded batch expressed as key lengths. The kernel itself is measured on the GPU
 (benchmarks/bench_attention.py, benchmarks/bench_stages.py variants `*_fa3`)."""
 
 import sys
@@ -28,7 +29,19 @@ def reference_fa3(monkeypatch):
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
         return out, None  # as FA3 releases that also return the log-sum-exp
 
-    monkeypatch.setitem(sys.modules, "flash_attn_interface", types.SimpleNamespace(flash_attn_func=flash_attn_func))
+    def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q=None, seqused_k=None):
+        assert q.ndim == 3 and cu_seqlens_q.dtype == cu_seqlens_k.dtype == torch.int32 and seqused_q is None
+        calls.append(("varlen", len(cu_seqlens_q) - 1, max_seqlen_q))
+        out = torch.zeros_like(q)
+        for i in range(len(cu_seqlens_q) - 1):
+            q0, q1, k0 = int(cu_seqlens_q[i]), int(cu_seqlens_q[i + 1]), int(cu_seqlens_k[i])
+            k1 = k0 + int(seqused_k[i]) if seqused_k is not None else int(cu_seqlens_k[i + 1])
+            assert q1 - q0 <= max_seqlen_q and k1 - k0 <= max_seqlen_k
+            out[q0:q1] = F.scaled_dot_product_attention(q[q0:q1].transpose(0, 1), k[k0:k1].transpose(0, 1), v[k0:k1].transpose(0, 1)).transpose(0, 1)
+        return out, None
+
+    monkeypatch.setitem(sys.modules, "flash_attn_interface",
+                        types.SimpleNamespace(flash_attn_func=flash_attn_func, flash_attn_varlen_func=flash_attn_varlen_func))
     fa3_attention.fa3_interface.cache_clear()
     yield calls
     fa3_attention.fa3_interface.cache_clear()
@@ -44,18 +57,34 @@ def _requests(engine, lengths):
             for i, n in enumerate(lengths)]
 
 
-def test_fa3_processor_matches_sdpa_and_sends_masked_batches_to_sdpa(tiny_dir, reference_fa3):
+def test_key_lengths_give_sdpa_with_the_key_mask(reference_fa3):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 40, 2, 8, generator=g) for _ in range(3))
+    lengths = torch.tensor([40, 17, 32], dtype=torch.int32)
+    mask = torch.arange(40)[None, :] < lengths[:, None]  # Z-Image's mask: each item's first len_i keys
+    assert torch.equal(fa3_attention.key_lengths_of(mask), lengths)
+    expected = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None, None, :]).transpose(1, 2)
+    out = fa3_attention.fa3_attention(sys.modules["flash_attn_interface"], q, k, v, key_lengths=lengths)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    assert reference_fa3 == [("varlen", 3, 40)]
+    # and the mask matters: without it the padded items differ
+    assert not torch.allclose(fa3_attention.fa3_attention(sys.modules["flash_attn_interface"], q, k, v)[1], expected[1], atol=1e-3)
+
+
+def test_fa3_processor_matches_sdpa_on_padded_and_unpadded_batches(tiny_dir, reference_fa3):
     sdpa, fa3 = _engine(tiny_dir), _engine(tiny_dir)
     assert use_own_processor(fa3.transformer, fa3=True) > 0
     same = _requests(sdpa, [20, 20])  # one caption length: no mask, every attention goes to FA3
     torch.testing.assert_close(torch.stack(fa3.denoise(same)), torch.stack(sdpa.denoise(same)), rtol=0, atol=1e-5)
     unmasked = len(reference_fa3)
     assert unmasked > 0 and all(s[0] == 2 for s in reference_fa3)
-    # captions of 20 and 40 tokens pad to 32 and 64: the joint sequence carries a key mask -> SDPA
+    # captions of 20 and 40 tokens pad to 32 and 64: the joint sequence carries a key mask -> FA3 varlen
     reference_fa3.clear()
     mixed = _requests(sdpa, [20, 40])
     torch.testing.assert_close(torch.stack(fa3.denoise(mixed)), torch.stack(sdpa.denoise(mixed)), rtol=0, atol=1e-5)
-    assert 0 < len(reference_fa3) < unmasked  # the image-only refiners are unmasked still, the main layers are not
+    assert len(reference_fa3) == unmasked  # every attention still on FA3
+    padded = [c for c in reference_fa3 if c[0] == "varlen"]
+    assert padded and len(padded) < unmasked  # the caption refiners and main layers are padded, the image-only refiners are not
 
 
 def test_no_fa3_build_keeps_sdpa(tiny_dir, monkeypatch):
