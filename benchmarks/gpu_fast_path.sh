@@ -10,6 +10,7 @@
 #   b1024 the FP8 server at 1024², c=20, DiT batches of up to 2 (max_batch_pixels 2 x 1024²): against fp8srv
 #   tput  fp8srv with Ray Serve's throughput-optimized mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1: gRPC between
 #         replicas, direct ingress, user code on the replica's event loop)
+#   tputobj  the same with RAY_SERVE_USE_GRPC_BY_DEFAULT=0: results through the object store as by default
 #   attn  bench_attention.py: 1024² batch 1; 512² batch 8 and 1024² batch 2 with padded captions
 #   cold  cold start of the FP8 server (start_to_healthy_s, each replica's build / warmup): a fresh, empty
 #         compile cache, then the same server restarted on that cache
@@ -64,8 +65,10 @@ for p in $PARTS; do
             --set denoiser.max_batch_pixels=2097152 --label "fp8, 1024² DiT batches of up to 2, server" ;;
     tput) RAY_SERVE_THROUGHPUT_OPTIMIZED=1 part fp8-server-tput 220 "${COMMON[@]}" --only server --set denoiser.fp8=true \
             --c1-requests 12 --cn-requests 40 --label "fp8 server, RAY_SERVE_THROUGHPUT_OPTIMIZED=1" ;;
+    tputobj) RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_USE_GRPC_BY_DEFAULT=0 part fp8-server-tputobj 220 "${COMMON[@]}" --only server \
+            --set denoiser.fp8=true --c1-requests 20 --cn-requests 40 --label "fp8 server, RAY_SERVE_THROUGHPUT_OPTIMIZED=1, RAY_SERVE_USE_GRPC_BY_DEFAULT=0" ;;
     fp8ps) part fp8-pipeline-server 300 "${COMMON[@]}" --only pipeline,server --set denoiser.fp8=true --runs 6 --warmup 1 \
-            --c1-requests 12 --cn-requests 40 --label "fp8 + vae compile, pipeline and server" ;;
+            --c1-requests 20 --cn-requests 40 --label "fp8 + vae compile, pipeline and server" ;;
     attn) for a in "--batch 1 --seq 4224" "--batch 8 --seq 1152 --padded" "--batch 2 --seq 4224 --padded"; do
             echo "=== attention $a"; timeout 120 python benchmarks/bench_attention.py $a --out "$OUT/attention-$(echo $a | tr -d ' -').json" 2>&1 | tail -n 6
           done ;;
