@@ -191,8 +191,11 @@ class DenoiserEngine:
         selection happen before traffic: a compiled block specialises on batch 1 and recompiles (~20 s
         at 1024² on H200) the first time it sees more. A batch runs one of two graphs: captions that pad to
         one length give no mask, mixed lengths a key mask; both are warmed when batches may mix lengths
-        (a batch of equal lengths, not warmed, recompiled for 6-7 s mid-run on H100)."""
-        pairs = [(16, 16)] if self.same_caption_length_batches else [(16, 16), (16, 48)]
+        (a batch of equal lengths, not warmed, recompiled for 6-7 s mid-run on H100). The mixed pair pads
+        to 32 and 96 tokens: a pair padding to 64 (16 and 48) left the compiled caption refiner fixed to
+        64 tokens, the width of the RoPE table, and the first real mixed batch recompiled it (6.9 s on
+        H100; with 16 and 80, none of 8 assorted batches recompiled: benchmarks/warmup_recompile_probe.py)."""
+        pairs = [(16, 16)] if self.same_caption_length_batches else [(16, 16), (16, 80)]
         for h, w in sizes:
             self.denoise([DenoiseRequest(embeds=torch.zeros(16, self.cap_feat_dim), height=h, width=w, steps=steps, seed=0)])
             for lengths in pairs if batch > 1 else []:
