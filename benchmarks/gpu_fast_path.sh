@@ -5,8 +5,9 @@
 #   fp8   diffusers ZImagePipeline vs our pipeline vs our server (c=1, c=20), FP8 DiT, 1024²
 #   fp8srv  only the server part of fp8
 #   bf16  the same without FP8 (pipeline and server only: diffusers is the same as in fp8); bf16srv: its server part
-#   b512  the FP8 server at 512², c=32: DiT batches as configured (max_batch_pixels 1024²: fours), every
-#         stage at max_batch_size 1, DiT batches of up to 8 (max_batch_pixels raised to 2 x 1024²)
+#   b512  the FP8 server at 512², c=32, one fresh server for each of B512_RUNS (default "4 1 8"): 4 = DiT
+#         batches as configured (max_batch_pixels 1024²: fours), 1 = every stage at max_batch_size 1,
+#         8 = DiT batches of up to 8 (max_batch_pixels raised to 2 x 1024²)
 #   b1024 the FP8 server at 1024², c=20, DiT batches of up to 2 (max_batch_pixels 2 x 1024²): against fp8srv
 #   tput  fp8srv with Ray Serve's throughput-optimized mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1: gRPC between
 #         replicas, direct ingress, user code on the replica's event loop)
@@ -56,11 +57,17 @@ for p in $PARTS; do
     fp8srv) part fp8-server 220 "${COMMON[@]}" --only server --set denoiser.fp8=true --c1-requests 8 --cn-requests 40 --label "fp8 + vae compile, server" ;;
     bf16srv) part bf16-server 170 "${COMMON[@]}" --only server --c1-requests 8 --cn-requests 30 --label "bf16 + vae compile, server" ;;
     bf16) part bf16 230 "${COMMON[@]}" --only pipeline,server --runs 3 --warmup 1 --c1-requests 8 --cn-requests 30 --label "bf16 + vae compile" ;;
-    b512) part b512-batch4 170 "${COMMON[@]}" "${B512[@]}" --label "512 fp8, DiT batches as configured (4 at 512²)"
-          part b512-batch1 170 "${COMMON[@]}" "${B512[@]}" --label "512 fp8, every stage batch 1" \
-            --set denoiser_deployment.max_batch_size=1 --set text_encoder_deployment.max_batch_size=1 --set vae_deployment.max_batch_size=1
-          part b512-batch8 170 "${COMMON[@]}" "${B512[@]}" --label "512 fp8, DiT batches up to 8" --set denoiser_deployment.max_batch_size=8 \
-            --set denoiser.max_batch_pixels=2097152 ;;
+    b512) n=0
+          for b in ${B512_RUNS:-4 1 8}; do  # each a fresh server; repeat a value to see the spread between starts
+            n=$((n + 1))
+            case $b in
+              4) part b512-batch4-$n 170 "${COMMON[@]}" "${B512[@]}" --label "512 fp8, DiT batches as configured (4 at 512²)" ;;
+              1) part b512-batch1-$n 170 "${COMMON[@]}" "${B512[@]}" --label "512 fp8, every stage batch 1" \
+                   --set denoiser_deployment.max_batch_size=1 --set text_encoder_deployment.max_batch_size=1 --set vae_deployment.max_batch_size=1 ;;
+              8) part b512-batch8-$n 170 "${COMMON[@]}" "${B512[@]}" --label "512 fp8, DiT batches up to 8" --set denoiser_deployment.max_batch_size=8 \
+                   --set denoiser.max_batch_pixels=2097152 ;;
+            esac
+          done ;;
     b1024) part b1024-batch2 220 "${COMMON[@]}" --only server --set denoiser.fp8=true --c1-requests 8 --cn-requests 40 \
             --set denoiser.max_batch_pixels=2097152 --label "fp8, 1024² DiT batches of up to 2, server" ;;
     tput) RAY_SERVE_THROUGHPUT_OPTIMIZED=1 part fp8-server-tput 220 "${COMMON[@]}" --only server --set denoiser.fp8=true \
