@@ -74,6 +74,22 @@ def accelerate_transformer(transformer, cfg: DenoiserConfig, device: torch.devic
         # than Dynamo's default limit of 8 once shapes vary.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 512)
+        contiguous_rope_tables(transformer)
         transformer.compile_repeated_blocks(fullgraph=settings.compile.fullgraph, dynamic=settings.compile.dynamic)
         applied["compile"] = True
     return applied
+
+
+def contiguous_rope_tables(transformer) -> None:
+    """Hand the refiner blocks their RoPE table as a contiguous tensor. diffusers slices it out of a longer
+    padded table, so its batch stride depends on the batch's caption lengths; a compiled block guards on
+    that stride (`freqs_cis.stride()[0] != 64 * x.size(1)`), and a batch where the slice happens to be
+    the whole table recompiled the block mid-run (7.6 s on H100, 512², once per replica). A copy of a few
+    hundred KB per forward makes the stride always the same."""
+    prepare = transformer._prepare_sequence
+
+    def prepare_sequence(*args, **kwargs):
+        feats, freqs_cis, *rest = prepare(*args, **kwargs)
+        return (feats, freqs_cis.contiguous(), *rest)
+
+    transformer._prepare_sequence = prepare_sequence

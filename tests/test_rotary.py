@@ -70,3 +70,30 @@ def test_compiled_block_has_no_complex_arithmetic(tiny_dir):
     diffusers processor leaves two per attention."""
     assert not any("view_as_complex" in t for t in _block_graph_ops(_engine(tiny_dir, real_rope=True)))
     assert any("view_as_complex" in t for t in _block_graph_ops(_engine(tiny_dir, real_rope=False)))
+
+
+def test_contiguous_rope_tables_fix_the_refiners_stride_and_keep_the_latents(tiny_dir):
+    """A compiled block guards on its RoPE table's stride; diffusers hands the caption refiners a slice
+    whose stride varies with the batch's caption lengths. `contiguous_rope_tables` makes it one layout,
+    and changes no value."""
+    from serve_app.dit_acceleration import contiguous_rope_tables
+
+    engine = DenoiserEngine(ModelConfig(source="tiny", tiny_dir=str(tiny_dir)), DenoiserConfig())
+    g = torch.Generator().manual_seed(3)
+    reqs = [DenoiseRequest(embeds=torch.randn(n, engine.cap_feat_dim, generator=g), height=64, width=64, steps=2, seed=i)
+            for i, n in enumerate((40, 150, 20))]
+    strides = []
+
+    def record(module, args):
+        freqs = args[2]
+        strides.append(freqs.stride(0) == freqs.shape[1] * freqs.shape[2])
+
+    for block in engine.transformer.context_refiner:
+        block.register_forward_pre_hook(record)
+    before = torch.stack(engine.denoise(reqs))
+    assert not all(strides)  # diffusers' slice: a batch stride longer than the table
+    strides.clear()
+    contiguous_rope_tables(engine.transformer)
+    after = torch.stack(engine.denoise(reqs))
+    assert strides and all(strides)
+    assert torch.equal(before, after)
