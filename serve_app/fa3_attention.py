@@ -24,7 +24,7 @@ from functools import cache
 
 import torch
 
-INTERFACE_MODULES = ("flash_attn_interface", "fa3_fwd_interface")
+from serve_app.platform import FA3_INTERFACE_MODULES as INTERFACE_MODULES
 
 
 @cache

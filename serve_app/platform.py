@@ -243,11 +243,15 @@ def _default_importable(module: str) -> bool:
         return False
 
 
+# The FlashAttention-3 builds our processor takes (serve_app/fa3_attention.py): flash-attention's `hopper/`
+# package, then the `fa3-fwd` wheel.
+FA3_INTERFACE_MODULES = ("flash_attn_interface", "fa3_fwd_interface")
+
 # The python package a diffusers backend needs, where it needs one beyond torch (a tuple: any one of them).
-# `_flash_3` is run by our own processor (serve_app/fa3_attention.py), which takes either FA3 build.
+# `_flash_3` is run by our own processor, which takes either FA3 build.
 _BACKEND_PACKAGES = {
     "flash": "flash_attn", "flash_varlen": "flash_attn",
-    "_flash_3": ("flash_attn_interface", "fa3_fwd_interface"), "_flash_varlen_3": "flash_attn_interface",
+    "_flash_3": FA3_INTERFACE_MODULES, "_flash_varlen_3": "flash_attn_interface",
     "sage": "sageattention", "sage_varlen": "sageattention",
     "xformers": "xformers",
     "aiter": "aiter",

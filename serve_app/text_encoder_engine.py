@@ -71,10 +71,10 @@ class TextEncoderEngine:
         )
         ids = inputs.input_ids.to(self.device)
         mask = inputs.attention_mask.to(self.device).bool()
-        if self.graphs is not None and self.graphs.bucket(ids.shape[0]) is not None:
-            # a shape warmup() did not see is captured now
-            if self.graphs.has(*ids.shape) or self._capture(ids.shape[1], [self.graphs.bucket(ids.shape[0])]):
-                return self.graphs.run(ids, lambda hidden: [hidden[i][mask[i]] for i in range(len(prompts))])
+        bucket = self.graphs.bucket(ids.shape[0]) if self.graphs is not None else None
+        # a shape warmup() did not see is captured now
+        if bucket is not None and ((bucket, ids.shape[1]) in self.graphs.graphs or self._capture(ids.shape[1], [bucket])):
+            return self.graphs.run(ids, lambda hidden: [hidden[i][mask[i]] for i in range(len(prompts))])
         if self.cfg.skip_last_layer:
             hidden = self.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         else:

@@ -74,10 +74,6 @@ class EncoderGraphs:
     def bucket(self, batch: int) -> int | None:
         return next((b for b in self.buckets if b >= batch), None)
 
-    def has(self, batch: int, length: int) -> bool:
-        b = self.bucket(batch)
-        return b is not None and (b, length) in self.graphs
-
     def run(self, input_ids: torch.Tensor, consume):
         """Replay the graph for input_ids' shape and return `consume(states[:batch])`; the states live in
         the graph's output buffer, so `consume` must copy what it keeps before the next replay."""
