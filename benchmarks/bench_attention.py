@@ -1,6 +1,6 @@
 """One DiT attention call at Z-Image's 1024² shape (batch 1, 4096 image + 128 caption tokens, 30 heads of
 128), each backend on the same q, k, v: torch SDPA (its own pick, cuDNN, flash) and FlashAttention-3
-(serve_app/fa3_attention.py). CUDA events around 10 calls in a row, median of --repeats;
+(serve_app/engines/fa3_attention.py). CUDA events around 10 calls in a row, median of --repeats;
 error against a float32 SDPA.
 
 `--padded`: a batch whose items are shorter than the batch by 0, 32, 64, 96 keys in turn (captions of
@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from serve_app.fa3_attention import fa3_attention, fa3_interface  # noqa: E402
+from serve_app.engines.fa3_attention import fa3_attention, fa3_interface  # noqa: E402
 
 
 def cuda_ms(fn, repeats: int) -> float:

@@ -44,7 +44,7 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from serve_app.config import DenoiserConfig, ModelConfig  # noqa: E402
-from serve_app.denoiser_engine import DenoiseRequest, DenoiserEngine  # noqa: E402
+from serve_app.engines.denoiser import DenoiseRequest, DenoiserEngine  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -135,7 +135,7 @@ def _time_denoise(engine, args, device) -> tuple[list[float], torch.Tensor]:
 def _worker(rank: int, args, runs: list[dict], ports: list[int], result_path: str) -> None:
     import torch.distributed as dist
 
-    from serve_app.sp_engine import SequenceParallelDenoiser, init_sp_process_group
+    from serve_app.sp.process_group import init_sp_process_group, sp_options
 
     if args.device == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(r["degree"] for r in runs)))
@@ -148,7 +148,7 @@ def _worker(rank: int, args, runs: list[dict], ports: list[int], result_path: st
         if rank >= n:
             continue
         entry: dict = {k: run[k] for k in ("name", "degree", "ulysses", "ring", "ulysses_anything", "shard_noise_refiner")}
-        engine = sp = None
+        engine = None
         try:
             t0 = time.perf_counter()
             if n == 1:
@@ -162,14 +162,11 @@ def _worker(rank: int, args, runs: list[dict], ports: list[int], result_path: st
                 cfg = den_cfg.model_copy(update={
                     "ulysses_degree": run["ulysses"], "ring_degree": run["ring"], "sp_shard_noise_refiner": run["shard_noise_refiner"],
                 })
-                sp = SequenceParallelDenoiser(
-                    model_cfg.model_copy(update={"device": str(device)}), cfg, device=device,
-                    ulysses_anything=run["ulysses_anything"],
-                )
-                engine = sp.engine
-                entry["attention"] = sp.sp.attention
+                engine = DenoiserEngine(model_cfg.model_copy(update={"device": str(device)}), cfg, device=device,
+                                        sp=sp_options(cfg, ulysses_anything=run["ulysses_anything"]))
+                entry["attention"] = engine.build.sp["attention"]
             entry["build_s"] = time.perf_counter() - t0
-            entry["acceleration"] = dict(engine.acceleration)
+            entry["acceleration"] = engine.build.as_dict()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             fw = _time_forwards(engine, args, device)
@@ -194,7 +191,7 @@ def _worker(rank: int, args, runs: list[dict], ports: list[int], result_path: st
             if rank == 0:
                 traceback.print_exc()
         finally:
-            engine = sp = None  # free this layout's weights before the next one builds its own
+            engine = None  # free this layout's weights before the next one builds its own
             gc.collect()
             if dist.is_initialized():
                 dist.destroy_process_group()

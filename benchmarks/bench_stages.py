@@ -7,16 +7,15 @@ One device run, random-full weights (real architecture, random values), bf16, 10
      timings at batch 1 and 8, and how far the compiled embeddings are from the eager ones);
   4. one DiT forward for each variant in --variants: `eager`, `cudnn` / `flash` / `fa3` attention,
      `compile` (dynamic shapes), `compile_static` (a graph per shape), `fp8_compile`,
-     `fp8_compile_static` (native FP8 linears; `fp8ao_...`: torchao's); `..._fa3`: FlashAttention-3; `..._cplxrope`: RoPE as diffusers'
-     complex multiply instead of `serve_app.rotary`'s real arithmetic (the default); with `--batch-size` S also a batch of 1 and of 4 at S x S (per-image ratio);
-  5. the VAE decode for each of --vae-variants: `eager`, `cudnn_benchmark`, `channels_last`
-     (with cudnn_benchmark), `compile` (static, with both).
+     `fp8_compile_static` (FP8 linears); `..._fa3`: FlashAttention-3; `..._cplxrope`: RoPE as diffusers'
+     complex multiply instead of `serve_app.engines.attention_processor`'s real arithmetic (the default); with `--batch-size` S also a batch of 1 and of 4 at S x S (per-image ratio);
+  5. the VAE decode for each of --vae-variants: `eager`, `compile` (static).
 Timing: CUDA-synchronised wall clock, warm-up first, median of --repeats. Writes JSON to --out after
 every part, so a run cut short keeps what it measured.
 
   python benchmarks/bench_stages.py --out $OUT/stages.json --skip-diffusers --te-compile \
       --variants compile,compile_static,fp8_compile_static --batch-size 512 --profile-variants compile \
-      --vae-variants eager,cudnn_benchmark,channels_last,compile
+      --vae-variants eager,compile
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from serve_app.config import AppConfig, DenoiserConfig, ModelConfig, TextEncoderConfig, VaeConfig  # noqa: E402
-from serve_app.denoiser_engine import DenoiseRequest, DenoiserEngine  # noqa: E402
+from serve_app.engines.denoiser import DenoiseRequest, DenoiserEngine  # noqa: E402
 
 PROMPT = (
     "A cinematic photograph of an elderly fisherman mending a bright orange net on a wooden pier at dawn, "
@@ -117,7 +116,7 @@ def main():
     if not args.skip_diffusers:
         from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
 
-        from serve_app.model_sources import load_text_encoder, load_tokenizer
+        from serve_app.engines.model_sources import load_text_encoder, load_tokenizer
 
         full_te = load_text_encoder(model, torch.device(args.device), dtype)
         ref = ZImagePipeline(
@@ -171,7 +170,7 @@ def main():
     for name, wanted in (("compiled", args.te_compile), ("cuda_graph", args.te_graph)):
         if not wanted:
             continue
-        from serve_app.text_encoder_engine import TextEncoderEngine
+        from serve_app.engines.text_encoder import TextEncoderEngine
 
         try:
             t0 = time.perf_counter()
@@ -225,8 +224,7 @@ def main():
         dcfg = DenoiserConfig(
             compile="compile" in toks,
             compile_dynamic="static" not in toks,
-            fp8=bool(toks & {"fp8", "fp8ao"}),
-            fp8_impl="torchao" if "fp8ao" in toks else "native",
+            fp8="fp8" in toks,
             real_rope="cplxrope" not in toks,
             attention_backend={"cudnn": "_native_cudnn", "flash": "_native_flash", "fa3": "_flash_3"}.get(
                 next((b for b in ("cudnn", "flash", "fa3") if b in toks), ""), "native"
@@ -239,7 +237,7 @@ def main():
             forward_fn(engine)()
             sync()
             first = time.perf_counter() - t0
-            r = {"first_call_s": first, "applied": engine.acceleration}
+            r = {"first_call_s": first, "applied": engine.build.as_dict()}
             r["forward"] = timed(forward_fn(engine), 10, warmup=2)
             r["forward_batch4"] = timed(forward_fn(engine, 4), 3, warmup=1)
             r["denoise_8_steps"] = timed(denoise_fn(engine), 3)
@@ -287,13 +285,8 @@ def main():
     if args.device == "cuda":
         torch.cuda.empty_cache()
     for variant in [v for v in args.vae_variants.split(",") if v]:
-        vcfg = VaeConfig(
-            cudnn_benchmark=variant != "eager",
-            channels_last=variant in ("channels_last", "compile"),
-            compile=variant == "compile",
-        )
+        vcfg = VaeConfig(compile=variant == "compile")
         try:
-            torch.backends.cudnn.benchmark = False
             t0 = time.perf_counter()
             v = vae if variant == "eager" else type(vae)(model, vcfg)
             img = v.decode([lat])[0]

@@ -195,8 +195,8 @@ def run_diffusers(app_args: dict, a: argparse.Namespace, prompts: list[str]) -> 
     from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
 
     from serve_app.config import AppConfig
-    from serve_app.devices import resolve_device, resolve_dtype
-    from serve_app.model_sources import load_scheduler_config, load_text_encoder, load_tokenizer, load_transformer, load_vae
+    from serve_app.engines.devices import resolve_device, resolve_dtype
+    from serve_app.engines.model_sources import load_scheduler_config, load_text_encoder, load_tokenizer, load_transformer, load_vae
 
     mc = AppConfig.model_validate(app_args).model
     device = resolve_device(mc)
@@ -262,7 +262,7 @@ def run_pipeline(app_args: dict, a: argparse.Namespace, prompts: list[str]) -> d
                 stages.append(img.timings_s)
             print(f"[pipeline] run {i + 1}/{a.warmup + a.runs}: {time.perf_counter() - t:.3f} s", file=sys.stderr, flush=True)
         peak = _peak_and_reset(device)
-        accel = getattr(pipe.denoiser, "acceleration", None)
+        accel = pipe.denoiser.info()
     finally:
         del pipe
         free_memory()

@@ -5,13 +5,13 @@ import os, sys, time, yaml, torch
 from torch._dynamo.utils import counters
 sys.path.insert(0, os.getcwd())
 from serve_app.config import AppConfig
-from serve_app.denoiser_engine import DenoiseRequest, DenoiserEngine
+from serve_app.engines.denoiser import DenoiseRequest, DenoiserEngine
 pair = tuple(int(x) for x in sys.argv[1].split(","))
 args = yaml.safe_load(open("configs/random-full-1gpu.yaml"))["applications"][0]["args"]
 args["denoiser"]["fp8"] = True
 cfg = AppConfig.model_validate(args)
 eng = DenoiserEngine(cfg.model, cfg.denoiser)
-if "--diffusers-strides" in sys.argv:  # undo serve_app.dit_acceleration.contiguous_rope_tables
+if "--diffusers-strides" in sys.argv:  # undo serve_app.engines.dit_builder.contiguous_rope_tables
     del eng.transformer._prepare_sequence
 req = lambda n, seed=0: DenoiseRequest(embeds=torch.randn(n, eng.cap_feat_dim) * 0.1, height=512, width=512, steps=1, seed=seed)
 t = time.time()

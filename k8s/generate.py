@@ -11,7 +11,7 @@ text encoder + VAE on MI300X, sequence-parallel DiT on 2-GPU H100 pods). Apply o
 `k8s/apply.sh VARIANT` (= `kubectl apply -k k8s/VARIANT`).
 
 Only the standard library and PyYAML are needed; the collective environment of each vendor comes
-from serve_app/platform.py (stdlib-only at import), the same table the engines use.
+from serve_app/engines/platform.py (stdlib-only at import), the same table the engines use.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ IMAGES = {"nvidia": "serve-app-cuda:0.1.0", "amd": "serve-app-rocm:0.1.0"}
 MODEL_ID = "Tongyi-MAI/Z-Image-Turbo"
 HF_HOME = "/models/hf"
 # torch.compile's kernels on the PVC too, so a pod the autoscaler adds loads them instead of compiling
-# (serve_app/compile_cache.py; Inductor keys its entries by GPU and versions, so chips can share it)
+# (serve_app/engines/compile_cache.py; Inductor keys its entries by GPU and versions, so chips can share it)
 INDUCTOR_CACHE = "/models/inductor-cache"
 PVC_NAME = "z-image-model-cache"
 SERVE_PORT = 8000
@@ -131,10 +131,10 @@ if (ROOT / "configs/z-image-turbo-sp2.yaml").exists():
 
 
 def vendor_env(vendor: str) -> list[dict]:
-    """The collective / runtime environment serve_app.platform chooses for the vendor."""
+    """The collective / runtime environment serve_app.engines.platform chooses for the vendor."""
     from types import SimpleNamespace
 
-    from serve_app.platform import TorchInfo, choose_engine_settings, detect_platform
+    from serve_app.engines.platform import TorchInfo, choose_engine_settings, detect_platform
 
     platform = detect_platform(torch_info=TorchInfo(vendor=vendor, capability=(9, 0) if vendor == "nvidia" else None))
     settings = choose_engine_settings(platform, SimpleNamespace(attention_backend=None, fp8=False, compile=False),

@@ -1,1 +1,11 @@
-"""Ray Serve server for Z-Image-Turbo."""
+"""Ray Serve server for Z-Image-Turbo.
+
+  config.py        the one typed configuration (what every configs/*.yaml maps onto)
+  app.py           the Serve application: three stage deployments and the ingress, from a config
+  deployments/     thin Serve shells: text encoder, denoiser, VAE, the HTTP ingress, the DiT batcher
+  engines/         the model math, free of Ray (one engine per stage)
+  sp/              sequence parallelism: one denoiser replica over several GPUs
+  openai_api.py    request schema, validation, OpenAI-shaped errors; image_encoding.py: PNG / JPEG / WebP
+  stage_messages.py  what the stages pass each other
+  pipeline.py, generate.py  the three engines in one process, and its command line
+"""

@@ -33,7 +33,7 @@ class ModelConfig(_Strict):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     device: str = "auto"  # auto: cuda if present, else cpu
     name: str = "z-image-turbo"  # the `model` name the API accepts and lists
-    # torch.compile's cache for every stage that compiles (serve_app/compile_cache.py); None: the
+    # torch.compile's cache for every stage that compiles (serve_app/engines/compile_cache.py); None: the
     # environment's TORCHINDUCTOR_CACHE_DIR, else Inductor's default (shared by a node's replicas)
     compile_cache_dir: str | None = None
 
@@ -42,18 +42,14 @@ class TextEncoderConfig(_Strict):
     max_sequence_length: int = Field(512, ge=8, le=4096)
     # diffusers pads every prompt to max_sequence_length; we pad to the batch's longest prompt.
     pad_to_max_length: bool = False
-    # Pad to the longest prompt rounded up to this many tokens: a handful of GEMM shapes instead of a
-    # new one per prompt length (measured on H100: 119 ms with a fresh length per request, 35 ms warm).
+    # pad to the longest prompt rounded up to this many tokens: a handful of GEMM shapes, each warmed
+    # (benchmarks/README.md, "text encoder padding")
     pad_to_multiple_of: int = Field(64, ge=1)
     # Z-Image reads the second-to-last hidden state, so the last decoder layer is never needed.
     skip_last_layer: bool = True
-    # torch.compile each decoder layer (dynamic shapes, on GPU only): the eager encoder is bound by
-    # kernel launches and Python (a 4B forward over ~100 tokens is ~1e12 FLOP, a few ms of H100 work).
-    compile: bool = False
-    # CUDA graphs of the eager forward (serve_app/text_encoder_graphs.py), one per (batch bucket, padded
-    # length), captured at warm-up or on first use (GPU only): the same kernels as eager, launched at once
-    # (H100: 31 -> 11 ms at batch 1, identical states). Batches up to `cuda_graph_max_batch` are padded to
-    # the next power of two; larger ones, a compiled encoder and every call on CPU run eagerly.
+    # CUDA graphs of the forward, one per (batch bucket, padded length), GPU only: the eager encoder is
+    # launch-bound (benchmarks/README.md, "text encoder CUDA graphs"). Batches up to
+    # `cuda_graph_max_batch` are padded to the next power of two; larger ones run eagerly.
     cuda_graph: bool = True
     cuda_graph_max_batch: int = Field(8, ge=1, le=64)
 
@@ -65,30 +61,26 @@ class DenoiserConfig(_Strict):
     # True: one graph per block class for every size and batch; False: a graph per shape (warm each
     # served size), which lets Inductor specialise its kernels
     compile_dynamic: bool = True
-    fp8: bool = False  # FP8 linears (dynamic per-token activation, per-row weight scales) where the chip has FP8
-    # "native": serve_app.fp8_linear (plain tensors: one compiled graph for all blocks);
-    # "torchao": torchao's Float8DynamicActivationFloat8WeightConfig (its first compile took > 330 s on H100)
-    fp8_impl: Literal["native", "torchao"] = "native"
-    # diffusers attention backend name; None: the fastest usable on the chip (serve_app/platform.py), e.g.
-    # "_flash_3" (FlashAttention-3, serve_app/fa3_attention.py) on Hopper where an FA3 build is installed
+    fp8: bool = False  # FP8 linears (per-token activation, per-row weight scales) where the chip has FP8
+    # diffusers attention backend name; None: the fastest usable on the chip (serve_app/engines/platform.py),
+    # e.g. "_flash_3" (FlashAttention-3, serve_app/engines/fa3_attention.py) on Hopper where a build imports
     attention_backend: str | None = None
-    # RoPE as real arithmetic, which Inductor fuses into the q/k norms, instead of diffusers' complex
-    # multiply (separate kernels; 3.2 ms of a 94 ms compiled bf16 forward on H100). Same result in float32.
+    # RoPE in real arithmetic, which Inductor fuses into the q/k norms, instead of diffusers' complex
+    # multiply (benchmarks/README.md, "real RoPE"); the same result in float32
     real_rope: bool = True
     warmup_sizes: list[tuple[int, int]] = Field(default_factory=list)  # (height, width) warmed at start
     ulysses_degree: int = Field(1, ge=1)
     ring_degree: int = Field(1, ge=1)
     collective_timeout_s: float = Field(120.0, gt=0)
-    # SP > 1: also shard the two noise-refiner blocks (image tokens), not just the 30 main blocks
-    # (2xH200, eager, 1024²: SP 2 forward 89 ms with, 94 ms without; 147 ms on one GPU).
+    # SP > 1: also shard the two noise-refiner blocks (image tokens), not just the main blocks
+    # (benchmarks/README.md, "SP: sharded noise refiners")
     sp_shard_noise_refiner: bool = True
     # SP > 1: batch only requests whose captions pad to the same length, so the sharded blocks never need
-    # a key mask (diffusers' Ulysses with a mask inside compiled blocks: an Inductor error on CPU, 500s
-    # seen on 2xH200). At 1024² batching gains ~4%, so splitting mixed-length batches costs little.
+    # a key mask (diffusers' Ulysses with a mask inside compiled blocks fails; benchmarks/README.md, "SP")
     sp_same_caption_length_batches: bool = True
-    # Bound a DiT batch by its pixels (height x width summed) as well as by max_batch_size: batching pays
-    # only while one image leaves the GPU idle (H100, FP8: 512² batches of 8 served 1.95x the images/s of
-    # batch 1; 1024² batches of 4 served fewer than batch 1). None: no bound. A larger request runs alone.
+    # bound a DiT batch by its pixels (height x width summed) as well as by max_batch_size: batching pays
+    # only while one image leaves the GPU idle (benchmarks/README.md, "512²"). None: no bound; a larger
+    # request runs alone.
     max_batch_pixels: int | None = Field(None, ge=1)
 
     @property
@@ -100,8 +92,6 @@ class VaeConfig(_Strict):
     # decode tiled when the image has more pixels than this (bounds activation memory at 2K and up)
     tiling_min_pixels: int = Field(2048 * 2048, ge=0)
     compile: bool = False  # torch.compile of the decoder, one graph per shape (warm each served size)
-    channels_last: bool = False  # NHWC convolutions
-    cudnn_benchmark: bool = False  # let cuDNN time its convolution algorithms per shape (GPU)
 
 
 class AutoscalingOptions(_Strict):

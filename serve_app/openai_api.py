@@ -106,6 +106,15 @@ def validate_request(req: ImageGenerationRequest, server: ServerConfig, model_na
     )
 
 
+def warmup_size(server: ServerConfig) -> str:
+    """The smallest square size the server accepts, at least 64 px a side: what `/health` warms up with."""
+    m = server.size_multiple
+    side = -(-max(server.min_size, 64) // m) * m
+    if side > server.max_size:
+        side = server.max_size // m * m
+    return f"{side}x{side}"
+
+
 def param_from_pydantic_loc(loc: tuple) -> str | None:
     """('body', 'n') -> 'n'; a body that is not an object -> None."""
     parts = [str(p) for p in loc if p != "body"]

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 import torch
 
 from serve_app.config import AppConfig
-from serve_app.denoiser_engine import DenoiseRequest, DenoiserEngine
-from serve_app.devices import synchronize
-from serve_app.text_encoder_engine import TextEncoderEngine
-from serve_app.vae_engine import VaeEngine
+from serve_app.engines.denoiser import DenoiseRequest, DenoiserEngine
+from serve_app.engines.devices import synchronize
+from serve_app.engines.text_encoder import TextEncoderEngine
+from serve_app.engines.vae import VaeEngine
 
 
 @dataclass

@@ -1,6 +1,6 @@
-"""What travels between the deployments: CPU tensors only (never CUDA tensors), in the dtype they
-were computed in (bf16 embeddings are half the bytes of fp32), plus each stage's timings so the
-ingress can report where a request's time went."""
+"""What travels between the deployments: CPU tensors only (never CUDA tensors), in the dtype they were
+computed in (bf16 embeddings are half the bytes of fp32), plus each stage's timings so the ingress can
+report where a request's time went. `DenoiseRequest` is also what the DiT engines take."""
 
 from __future__ import annotations
 
@@ -13,23 +13,28 @@ import torch
 class EncodedPrompt:
     embeds: torch.Tensor  # [tokens, hidden], CPU
     timings: dict = field(default_factory=dict)
-    # prompts encoded in the same text-encoder batch: their requests reach the DiT together, so with
-    # more than one the DiT waits up to its batch_wait_timeout_s for the others
-    batch: int = 1
+    batch: int = 1  # prompts encoded in the same text-encoder batch (they reach the DiT together)
 
 
 @dataclass
-class DenoiseJob:
-    """The per-image parameters; the prompt's embeddings travel beside it as an EncodedPrompt."""
+class DenoiseRequest:
+    """One image for the DiT: the prompt's embeddings and the image's parameters."""
 
+    embeds: torch.Tensor  # [tokens, hidden] for the prompt
     height: int
     width: int
     steps: int
     seed: int
     guidance_scale: float = 0.0
-    # images in the request this job belongs to: with more than one, the DiT waits up to its
-    # batch_wait_timeout_s for the others so that they share forwards
-    burst: int = 1
+    negative_embeds: torch.Tensor | None = None  # required when guidance_scale > 0
+    # images known to reach the DiT together with this one (the request's n, or prompts the text
+    # encoder batched together): above 1 the DiT waits up to its batch_wait_timeout_s for them
+    companions: int = 1
+
+    @property
+    def batch_key(self) -> tuple[int, int, int]:
+        """Requests share a DiT forward only when this is equal: same latent shape, same schedule."""
+        return (self.height, self.width, self.steps)
 
 
 @dataclass

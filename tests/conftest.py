@@ -9,7 +9,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """The tiny model, built once per test session into a fresh folder."""
-    from serve_app.tiny_model import ensure_tiny_model
+    from serve_app.engines.tiny_model import ensure_tiny_model
 
     return ensure_tiny_model(tmp_path_factory.mktemp("models") / "tiny-z-image")
 

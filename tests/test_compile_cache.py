@@ -1,4 +1,4 @@
-"""Every stage engine points torch.compile's cache at `model.compile_cache_dir`, the directory Inductor
+"""Every stage engine that compiles (DiT, VAE) points torch.compile's cache at `model.compile_cache_dir`, the directory Inductor
 then writes to, so a restarted or added replica finds the kernels compiled before."""
 
 import os
@@ -6,10 +6,9 @@ import os
 import pytest
 import torch
 
-from serve_app.config import DenoiserConfig, ModelConfig, TextEncoderConfig, VaeConfig
-from serve_app.denoiser_engine import DenoiserEngine
-from serve_app.text_encoder_engine import TextEncoderEngine
-from serve_app.vae_engine import VaeEngine
+from serve_app.config import DenoiserConfig, ModelConfig, VaeConfig
+from serve_app.engines.denoiser import DenoiserEngine
+from serve_app.engines.vae import VaeEngine
 
 
 @pytest.fixture
@@ -28,7 +27,6 @@ def test_each_engine_uses_the_configured_cache(tiny_dir, tmp_path, clean_env):
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
     for i, make in enumerate((
-        lambda m: TextEncoderEngine(m, TextEncoderConfig()),
         lambda m: DenoiserEngine(m, DenoiserConfig()),
         lambda m: VaeEngine(m, VaeConfig()),
     )):
@@ -42,12 +40,12 @@ def test_each_engine_uses_the_configured_cache(tiny_dir, tmp_path, clean_env):
 def test_unset_keeps_the_environments_cache(tiny_dir, tmp_path, clean_env):
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "from-env")
     engine = DenoiserEngine(ModelConfig(source="tiny", tiny_dir=str(tiny_dir)), DenoiserConfig())
-    assert engine.compile_cache_dir == str(tmp_path / "from-env") == engine.acceleration["compile_cache_dir"]
+    assert engine.compile_cache_dir == str(tmp_path / "from-env") == engine.info()["compile_cache_dir"]
 
 
 def test_the_cache_is_written_by_a_compile(tmp_path, clean_env):
     """A compile in this process leaves its FX graph in the configured directory (CPU Inductor)."""
-    from serve_app.compile_cache import use_compile_cache
+    from serve_app.engines.compile_cache import use_compile_cache
 
     use_compile_cache(str(tmp_path / "kernels"))
     torch._dynamo.reset()

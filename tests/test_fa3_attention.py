@@ -1,4 +1,4 @@
-"""FlashAttention-3 in the DiT (serve_app/fa3_attention.py): the processor's routing.
+"""FlashAttention-3 in the DiT (serve_app/engines/fa3_attention.py): the processor's routing.
 
 FA3 runs only on Hopper GPUs; here a plain-torch implementation of its documented `flash_attn_func`
 (q, k, v as [B, S, H, D]) and `flash_attn_varlen_func` (sequences laid end to end, `cu_seqlens` offsets,
@@ -7,44 +7,25 @@ layout handed over and a key-padded batch expressed as key lengths. The kernel i
 (benchmarks/bench_attention.py, benchmarks/bench_stages.py variants `*_fa3`)."""
 
 import sys
-import types
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from serve_app import fa3_attention
+from reference_fa3 import install_reference_fa3, remove_reference_fa3, simulate_hopper
 from serve_app.config import DenoiserConfig, ModelConfig
-from serve_app.denoiser_engine import DenoiseRequest, DenoiserEngine
-from serve_app.rotary import use_own_processor
+from serve_app.engines import fa3_attention
+from serve_app.engines.attention_processor import install_attention_processors
+from serve_app.engines.denoiser import DenoiseRequest, DenoiserEngine
+from serve_app.engines.dit_builder import BLOCK_GROUPS, installed_attention
 
 
 @pytest.fixture
-def reference_fa3(monkeypatch):
+def reference_fa3():
     calls = []
-
-    def flash_attn_func(q, k, v, softmax_scale=None, causal=False):
-        assert q.ndim == 4 and q.shape[2] == k.shape[2] and not causal
-        calls.append(tuple(q.shape))
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
-        return out, None  # as FA3 releases that also return the log-sum-exp
-
-    def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q=None, seqused_k=None):
-        assert q.ndim == 3 and cu_seqlens_q.dtype == cu_seqlens_k.dtype == torch.int32 and seqused_q is None
-        calls.append(("varlen", len(cu_seqlens_q) - 1, max_seqlen_q))
-        out = torch.zeros_like(q)
-        for i in range(len(cu_seqlens_q) - 1):
-            q0, q1, k0 = int(cu_seqlens_q[i]), int(cu_seqlens_q[i + 1]), int(cu_seqlens_k[i])
-            k1 = k0 + int(seqused_k[i]) if seqused_k is not None else int(cu_seqlens_k[i + 1])
-            assert q1 - q0 <= max_seqlen_q and k1 - k0 <= max_seqlen_k
-            out[q0:q1] = F.scaled_dot_product_attention(q[q0:q1].transpose(0, 1), k[k0:k1].transpose(0, 1), v[k0:k1].transpose(0, 1)).transpose(0, 1)
-        return out, None
-
-    monkeypatch.setitem(sys.modules, "flash_attn_interface",
-                        types.SimpleNamespace(flash_attn_func=flash_attn_func, flash_attn_varlen_func=flash_attn_varlen_func))
-    fa3_attention.fa3_interface.cache_clear()
+    install_reference_fa3(calls)
     yield calls
-    fa3_attention.fa3_interface.cache_clear()
+    remove_reference_fa3()
 
 
 def _engine(tiny_dir):
@@ -73,7 +54,7 @@ def test_key_lengths_give_sdpa_with_the_key_mask(reference_fa3):
 
 def test_fa3_processor_matches_sdpa_on_padded_and_unpadded_batches(tiny_dir, reference_fa3):
     sdpa, fa3 = _engine(tiny_dir), _engine(tiny_dir)
-    assert use_own_processor(fa3.transformer, fa3=True) > 0
+    assert install_attention_processors(fa3.transformer, fa3=True) > 0
     same = _requests(sdpa, [20, 20])  # one caption length: no mask, every attention goes to FA3
     torch.testing.assert_close(torch.stack(fa3.denoise(same)), torch.stack(sdpa.denoise(same)), rtol=0, atol=1e-5)
     unmasked = len(reference_fa3)
@@ -93,7 +74,7 @@ def test_no_fa3_build_keeps_sdpa(tiny_dir, monkeypatch):
     try:
         assert fa3_attention.fa3_interface() is None
         with pytest.raises(RuntimeError, match="no FlashAttention-3 build"):
-            use_own_processor(_engine(tiny_dir).transformer, fa3=True)
+            install_attention_processors(_engine(tiny_dir).transformer, fa3=True)
     finally:
         fa3_attention.fa3_interface.cache_clear()
 
@@ -101,10 +82,10 @@ def test_no_fa3_build_keeps_sdpa(tiny_dir, monkeypatch):
 def test_sequence_parallel_attention_stays_with_diffusers_dispatch(tiny_dir, reference_fa3, monkeypatch):
     """Under diffusers' context parallelism the Ulysses / ring exchange happens inside
     `dispatch_attention_fn`: a processor with a parallel config must call it even when FA3 is on."""
-    import serve_app.rotary as rotary
+    import serve_app.engines.attention_processor as rotary
 
     engine = _engine(tiny_dir)
-    use_own_processor(engine.transformer, fa3=True)
+    install_attention_processors(engine.transformer, fa3=True)
     proc = engine.transformer.layers[0].attention.processor
     dispatched = []
 
@@ -121,3 +102,19 @@ def test_sequence_parallel_attention_stays_with_diffusers_dispatch(tiny_dir, ref
         proc._parallel_config = cp = object()
         proc(attn, x)
     assert dispatched == [cp] and len(reference_fa3) == 1
+
+
+def test_the_build_record_is_what_the_processors_run(tiny_dir, reference_fa3, monkeypatch):
+    """On a (simulated) Hopper with FA3 importable, the builder picks FA3 for every block group and says so;
+    the record is checked against the processors really installed, and the engine serves through them."""
+    simulate_hopper(monkeypatch.setattr)
+    engine = _engine(tiny_dir)
+    assert engine.build.attention == dict.fromkeys(BLOCK_GROUPS, "fa3") == installed_attention(engine.transformer)
+    engine.denoise(_requests(engine, [20]))
+    assert reference_fa3  # the attention calls went to FA3
+    # the same chip without an importable FA3 build: SDPA, recorded as such, with the fallback named
+    remove_reference_fa3()
+    monkeypatch.setattr(fa3_attention, "INTERFACE_MODULES", ("no_such_fa3_module",))
+    plain = _engine(tiny_dir)
+    assert plain.build.attention == dict.fromkeys(BLOCK_GROUPS, "native") == installed_attention(plain.transformer)
+    assert any("_flash_3" in w for w in plain.build.warnings)

@@ -1,10 +1,10 @@
-"""The native FP8 linear (serve_app.fp8_linear) against the bf16/fp32 linear it replaces, on CPU
+"""The native FP8 linear (serve_app.engines.fp8_linear) against the bf16/fp32 linear it replaces, on CPU
 (torch's CPU `_scaled_mm` takes the same per-row scales as the CUDA one)."""
 
 import pytest
 import torch
 
-from serve_app.fp8_linear import Float8RowwiseLinear, quantize_linears_fp8
+from serve_app.engines.fp8_linear import Float8RowwiseLinear, quantize_linears_fp8
 
 
 @pytest.mark.parametrize("fp8_dtype", [torch.float8_e4m3fn, torch.float8_e4m3fnuz])

@@ -60,7 +60,7 @@ def test_wait_timeout_coalesces_a_burst_and_idle_requests_start_at_once():
 
 
 def test_wait_fn_lets_a_lone_item_start_at_once():
-    """The DiT waits for siblings only when the request has more than one image (`DenoiseJob.burst`)."""
+    """The DiT waits for siblings only when the request has more than one image (`DenoiseRequest.companions`)."""
     async def main():
         batches: list[list] = []
 

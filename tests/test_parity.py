@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from serve_app.config import AppConfig, ModelConfig, TextEncoderConfig
-from serve_app.denoiser_engine import DenoiseRequest, DenoiserEngine
+from serve_app.engines.denoiser import DenoiseRequest, DenoiserEngine
 from serve_app.pipeline import StagedPipeline
-from serve_app.text_encoder_engine import TextEncoderEngine
+from serve_app.engines.text_encoder import TextEncoderEngine
 
 SIZE = 128
 STEPS = 8
@@ -96,7 +96,7 @@ def test_classifier_free_guidance_matches_diffusers(padded, diffusers_pipe):
 def test_batch_of_three_matches_single_requests(unpadded):
     seeds = [1, 2, 3]
     batch = unpadded.generate(list(PROMPTS), seeds, height=SIZE, width=SIZE, steps=STEPS)
-    assert unpadded.denoiser.stats.forward_batch_sizes[3] >= STEPS  # really one forward for all three
+    assert unpadded.denoiser.stats()["forward_batch_sizes"]["3"] >= STEPS  # really one forward for all three
     for prompt, seed, b in zip(PROMPTS, seeds, batch):
         [single] = unpadded.generate([prompt], [seed], height=SIZE, width=SIZE, steps=STEPS)
         # In a batch, shorter captions are padded (with the DiT's pad token, masked out) to the longest
@@ -113,10 +113,10 @@ def test_mixed_shapes_split_into_groups(unpadded):
         DenoiseRequest(embeds=emb, height=64, width=128, steps=2, seed=1),
         DenoiseRequest(embeds=emb, height=64, width=64, steps=2, seed=2),
     ]
-    before = unpadded.denoiser.stats.forwards
+    before = unpadded.denoiser.stats()["forwards"]
     out = unpadded.denoiser.denoise(reqs)
     assert [tuple(o.shape) for o in out] == [(16, 8, 8), (16, 8, 16), (16, 8, 8)]
-    assert unpadded.denoiser.stats.forwards - before == 4  # two shape groups x two steps
+    assert unpadded.denoiser.stats()["forwards"] - before == 4  # two shape groups x two steps
     [alone] = unpadded.denoiser.denoise([reqs[1]])
     torch.testing.assert_close(out[1], alone, rtol=0, atol=1e-5)
 

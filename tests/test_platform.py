@@ -1,4 +1,4 @@
-"""Vendor-aware engine choices (serve_app/platform.py) on simulated chips, and the real CPU path."""
+"""Vendor-aware engine choices (serve_app/engines/platform.py) on simulated chips, and the real CPU path."""
 
 import json
 import logging
@@ -6,7 +6,7 @@ import logging
 import pytest
 
 from serve_app.config import DenoiserConfig
-from serve_app.platform import TorchInfo, choose_engine_settings, detect_platform, fp8_dtype_for
+from serve_app.engines.platform import TorchInfo, choose_engine_settings, detect_platform, fp8_dtype_for
 
 MI300X = TorchInfo(vendor="amd", device_name="AMD Instinct MI300X", arch="gfx942:sramecc+:xnack-", capability=(9, 4),
                    device_count=8, hip_version="7.0")
@@ -69,7 +69,7 @@ def test_h100_e4m3fn_and_fa3_or_sdpa():
     # SDPA: measured faster than cuDNN and FA2 through diffusers on H100 (see platform.py)
     assert s.attention_backend == "native"
     assert s.collective_backend == "nccl" and s.collective_env == {"NCCL_NVLS_ENABLE": "0"}
-    assert s.compile.enabled and s.compile.fullgraph and s.compile.dynamic
+    assert s.compile.enabled and s.compile.dynamic
     # FlashAttention-3 when built; else SDPA, FA2 installed or not
     assert settings(H100, importable("flash_attn_interface", "flash_attn")).attention_backend == "_flash_3"
     assert settings(H100, importable("flash_attn")).attention_backend == "native"
@@ -81,7 +81,7 @@ def test_h100_e4m3fn_and_fa3_or_sdpa():
 
 
 def test_a100_fp8_falls_back_with_a_warning(caplog):
-    with caplog.at_level(logging.WARNING, logger="serve_app.platform"):
+    with caplog.at_level(logging.WARNING, logger="serve_app.engines.platform"):
         s = settings(A100, fp8=True)
     assert not s.fp8 and s.fp8_dtype is None and s.fp8_supported_dtype is None
     assert any("fp8" in r.getMessage() and "A100" in r.getMessage() for r in caplog.records)
@@ -91,7 +91,7 @@ def test_a100_fp8_falls_back_with_a_warning(caplog):
 
 
 def test_unavailable_attention_backend_falls_back(caplog):
-    with caplog.at_level(logging.WARNING, logger="serve_app.platform"):
+    with caplog.at_level(logging.WARNING, logger="serve_app.engines.platform"):
         s = settings(MI300X, attention_backend="_native_cudnn")  # NVIDIA-only
         t = settings(H100, attention_backend="flash")  # flash_attn not installed
         u = settings(H100, attention_backend="no_such_backend")
@@ -106,11 +106,7 @@ def test_unavailable_attention_backend_falls_back(caplog):
     assert settings(MI300X, attention_backend="NATIVE").attention_backend == "native"
 
 
-def test_fp8_torchao_impl_needs_torchao(caplog):
-    s = choose_engine_settings(detect_platform(torch_info=H100), DenoiserConfig(fp8=True, fp8_impl="torchao"),
-                               importable=lambda name: False, diffusers_backends=ALL_BACKENDS)
-    assert not s.fp8 and s.fp8_supported_dtype == "float8_e4m3fn" and "torchao" in s.warnings[0]
-    # the native FP8 linears need nothing beyond torch
+def test_fp8_needs_nothing_beyond_torch():
     s = choose_engine_settings(detect_platform(torch_info=H100), DenoiserConfig(fp8=True),
                                importable=lambda name: False, diffusers_backends=ALL_BACKENDS)
     assert s.fp8 and s.fp8_dtype == "float8_e4m3fn"
@@ -164,16 +160,25 @@ def test_engines_apply_the_platform_choice_on_cpu(tiny_dir):
     import torch
 
     from serve_app.config import ModelConfig
-    from serve_app.denoiser_engine import DenoiseRequest, DenoiserEngine
+    from serve_app.engines.denoiser import DenoiseRequest, DenoiserEngine
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU; the test pins the CPU choices")
     eng = DenoiserEngine(ModelConfig(source="tiny", tiny_dir=str(tiny_dir)),
                          DenoiserConfig(fp8=True, compile=True, attention_backend="_native_cudnn"))
-    acc = eng.acceleration
-    assert (acc["attention_backend"], acc["fp8"], acc["compile"]) == (None, False, False)
-    assert acc["engine"]["platform"]["vendor"] == "cpu" and acc["engine"]["collective_backend"] == "gloo"
-    assert len(acc["engine"]["warnings"]) == 3  # cuDNN, FP8, compile
+    build = eng.build
+    assert (build.attention["layers"], build.fp8_dtype, build.compile) == ("native", None, False)
+    assert build.platform["vendor"] == "cpu"
+    assert len(build.warnings) == 3  # cuDNN, FP8, compile
     [lat] = eng.denoise([DenoiseRequest(embeds=torch.zeros(8, eng.cap_feat_dim), height=64, width=64, steps=1, seed=0)])
     assert torch.isfinite(lat).all()
 
+
+
+def test_another_diffusers_release_is_refused_at_start():
+    """The private internals we use are pinned to diffusers 0.42 (serve_app/engines/library_internals.py)."""
+    from serve_app.engines.library_internals import check_library_versions
+
+    check_library_versions("0.42.1")
+    with pytest.raises(RuntimeError, match=r"needs diffusers 0\.42\.\* \(found 0\.43\.0\)"):
+        check_library_versions("0.43.0")

@@ -1,12 +1,12 @@
-"""RoPE in real arithmetic (serve_app/rotary.py) against diffusers' complex multiply, and what it
+"""RoPE in real arithmetic (serve_app/engines/attention_processor.py) against diffusers' complex multiply, and what it
 changes in the graph that torch.compile sees."""
 
 import torch
-from diffusers.models.transformers.transformer_z_image import ADALN_EMBED_DIM, ZSingleStreamAttnProcessor
+from diffusers.models.transformers.transformer_z_image import ADALN_EMBED_DIM
 
 from serve_app.config import DenoiserConfig, ModelConfig
-from serve_app.denoiser_engine import DenoiseRequest, DenoiserEngine
-from serve_app.rotary import ZImageRealRopeAttnProcessor, apply_rotary_emb, apply_rotary_emb_complex
+from serve_app.engines.denoiser import DenoiseRequest, DenoiserEngine
+from serve_app.engines.attention_processor import ZImageAttnProcessor, apply_rotary_emb, apply_rotary_emb_complex
 
 
 def _inputs(dtype, b=2, s=37, h=3, d=32):
@@ -34,8 +34,10 @@ def _engine(tiny_dir, **cfg):
 def test_engine_with_real_rope_gives_the_same_latents(tiny_dir):
     real, cplx = _engine(tiny_dir, real_rope=True), _engine(tiny_dir, real_rope=False)
     procs = lambda e: {type(m.processor) for m in e.transformer.modules() if hasattr(m, "processor")}
-    assert procs(real) == {ZImageRealRopeAttnProcessor} and real.acceleration["real_rope"] is True
-    assert procs(cplx) == {ZSingleStreamAttnProcessor} and cplx.acceleration["real_rope"] is False
+    assert procs(real) == procs(cplx) == {ZImageAttnProcessor}
+    ropes = lambda e: {m.processor.rope for m in e.transformer.modules() if hasattr(m, "processor")}
+    assert ropes(real) == {apply_rotary_emb} and real.build.real_rope is True
+    assert ropes(cplx) == {apply_rotary_emb_complex} and cplx.build.real_rope is False
     embeds = torch.randn(20, real.cap_feat_dim, generator=torch.Generator().manual_seed(1))
     req = lambda: [DenoiseRequest(embeds=embeds, height=128, width=96, steps=4, seed=3)]
     a, b = real.denoise(req())[0], cplx.denoise(req())[0]
@@ -76,7 +78,7 @@ def test_contiguous_rope_tables_fix_the_refiners_stride_and_keep_the_latents(tin
     """A compiled block guards on its RoPE table's stride; diffusers hands the caption refiners a slice
     whose stride varies with the batch's caption lengths. `contiguous_rope_tables` makes it one layout,
     and changes no value."""
-    from serve_app.dit_acceleration import contiguous_rope_tables
+    from serve_app.engines.dit_builder import contiguous_rope_tables
 
     engine = DenoiserEngine(ModelConfig(source="tiny", tiny_dir=str(tiny_dir)), DenoiserConfig())
     g = torch.Generator().manual_seed(3)

@@ -114,7 +114,7 @@ def test_n_fans_out_with_consecutive_seeds_and_formats(serve_app):
     assert len({d["b64_json"] for d in data}) == 3
     t = data[0]["timings"]
     assert {"text_encoder_s", "denoiser_s", "vae_s", "encode_s", "queue_s", "total_s"} <= set(t)
-    # the three images waited for each other (DenoiseJob.burst) and shared each DiT forward
+    # the three images waited for each other (DenoiseRequest.companions) and shared each DiT forward
     assert [d["timings"]["denoiser_batch"] for d in data] == [3, 3, 3]
     r = _post({"prompt": "a cat", "size": "64x64", "num_inference_steps": 2, "output_format": "webp"})
     assert Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))).format == "WEBP"
@@ -229,8 +229,9 @@ def test_stats_report_each_stage_platform_and_the_engine_choice(serve_app):
         assert stats[stage]["platform"]["vendor"] == "cpu", stats[stage]
         startup = stats[stage]["startup_s"]  # where the replica's start went
         assert set(startup) == {"build", "warmup"} and startup["build"] > 0 and startup["warmup"] > 0, startup
-    engine = stats["denoiser"]["engine"]["engine"]
-    assert (engine["attention_backend"], engine["fp8"], engine["collective_backend"]) == ("native", False, "gloo")
+    engine = stats["denoiser"]["engine"]  # what the DiT builder applied
+    assert engine["attention"] == {"noise_refiner": "native", "context_refiner": "native", "layers": "native"}
+    assert (engine["fp8_dtype"], engine["compile"], engine["sp"]) == (None, False, None)
     assert stats["text_encoder"]["cuda_graphs"] == 0  # on CPU the encoder runs eagerly
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from serve_app.config import DenoiserConfig, ModelConfig
-from serve_app.denoiser_engine import DenoiseRequest, DenoiserEngine
+from serve_app.engines.denoiser import DenoiseRequest, DenoiserEngine
 
 SIZE = 64  # 16 image tokens -> padded to 32 by Z-Image; with a 32-token caption: 64 tokens, not divisible by 3 or 6
 STEPS = 2
@@ -24,12 +24,15 @@ LAYOUTS = [(2, 1), (3, 1), (2, 2), (6, 1), (3, 2), (1, 2)]
 # the same with the noise refiners sharded too: diffusers' Ulysses, Ulysses with a pad (32 image tokens
 # over 3 ranks), and our Ulysses x ring processor
 REFINER_LAYOUTS = [(2, 1), (3, 1), (2, 2)]
-VARIANTS = [(u, r, False) for u, r in LAYOUTS] + [(u, r, True) for u, r in REFINER_LAYOUTS]
+# and on a simulated Hopper with (reference) FA3: the unsharded refiners keep FA3, the sharded blocks
+# take diffusers' Ulysses or ours; run last in each process (the simulation is not undone)
+VARIANTS = ([(u, r, False, False) for u, r in LAYOUTS] + [(u, r, True, False) for u, r in REFINER_LAYOUTS]
+            + [(2, 1, True, True), (2, 2, False, True)])
 NPROCS = max(u * r for u, r in LAYOUTS)
 
 
-def _key(u: int, r: int, shard_refiner: bool) -> str:
-    return f"u{u}r{r}" + ("-refiner" if shard_refiner else "")
+def _key(u: int, r: int, shard_refiner: bool, fa3: bool = False) -> str:
+    return f"u{u}r{r}" + ("-refiner" if shard_refiner else "") + ("-fa3" if fa3 else "")
 
 
 def _requests(cap_dim: int) -> dict[str, list[DenoiseRequest]]:
@@ -68,28 +71,35 @@ def _worker(rank: int, tiny_dir: str, ports: list[int], out_dir: str) -> None:
     import time
     t0 = time.time()
     torch.set_num_threads(1)
-    from serve_app.sp_engine import SequenceParallelDenoiser, init_sp_process_group
+    from reference_fa3 import install_reference_fa3, simulate_hopper
+    from serve_app.engines.dit_builder import installed_attention
+    from serve_app.sp.process_group import check_collectives, init_sp_process_group, sp_options, sp_rank_info
 
     model_cfg = ModelConfig(source="tiny", tiny_dir=tiny_dir)
-    for (u, r, shard_refiner), port in zip(VARIANTS, ports):
+    for (u, r, shard_refiner, fa3), port in zip(VARIANTS, ports):
         n = u * r
         if rank >= n:
             continue
+        fa3_calls: list = []
+        if fa3:
+            install_reference_fa3(fa3_calls)
+            simulate_hopper()
         init_sp_process_group(rank, n, "127.0.0.1", port, timeout_s=120)
         # mixed caption lengths share forwards (key masks through the sharded attention)
         cfg = DenoiserConfig(ulysses_degree=u, ring_degree=r, sp_shard_noise_refiner=shard_refiner, sp_same_caption_length_batches=False)
-        sp = SequenceParallelDenoiser(model_cfg, cfg)
+        sp = DenoiserEngine(model_cfg, cfg, device=torch.device("cpu"), sp=sp_options(cfg))
         seen: list[int] = []  # sequence length the last main block really sees (its shard)
         sp.transformer.layers[-1].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
         seen_refiner: list[int] = []  # and the last noise refiner
         sp.transformer.noise_refiner[-1].register_forward_pre_hook(lambda m, a: seen_refiner.append(a[0].shape[1]))
-        sp.check_collectives(30)
-        results = {name: [t.cpu() for t in sp.denoise(reqs)] for name, reqs in _requests(sp.engine.cap_feat_dim).items()}
-        info = {**sp.info(), "shard_lens": seen, "refiner_lens": seen_refiner}
+        check_collectives(sp.device, 30)
+        results = {name: [t.cpu() for t in sp.denoise(reqs)] for name, reqs in _requests(sp.cap_feat_dim).items()}
+        info = {**sp_rank_info(sp), "shard_lens": seen, "refiner_lens": seen_refiner,
+                "installed_attention": installed_attention(sp.transformer), "fa3_calls": len(fa3_calls)}
         if rank == 0:
-            print(f"layout {_key(u, r, shard_refiner)} done at {time.time() - t0:.1f}s", flush=True)
-            torch.save({"results": results, "info": info}, os.path.join(out_dir, _key(u, r, shard_refiner) + ".pt"))
-        sp.close()
+            print(f"layout {_key(u, r, shard_refiner, fa3)} done at {time.time() - t0:.1f}s", flush=True)
+            torch.save({"results": results, "info": info}, os.path.join(out_dir, _key(u, r, shard_refiner, fa3) + ".pt"))
+        torch.distributed.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
@@ -112,10 +122,15 @@ def reference(tiny_dir):
 def test_sp_matches_single_process(sp_results, reference, variant, case):
     got = sp_results[variant]["results"][case]
     info = sp_results[variant]["info"]
-    layout, shard_refiner = variant[:2], variant[2]
-    assert (info["ulysses_degree"], info["ring_degree"]) == layout and info["backend"] == "gloo"
-    assert info["attention"] == ("diffusers-ulysses" if layout[1] == 1 else "usp")
-    assert info["shards_noise_refiner"] == shard_refiner
+    layout, shard_refiner, fa3 = variant[:2], variant[2], variant[3]
+    assert (info["sp"]["ulysses_degree"], info["sp"]["ring_degree"]) == layout and info["backend"] == "gloo"
+    assert info["sp"]["attention"] == ("diffusers-ulysses" if layout[1] == 1 else "usp")
+    assert info["sp"]["shards_noise_refiner"] == shard_refiner
+    # what the build record says is what the processors run
+    local, sharded = ("fa3" if fa3 else "native"), ("ulysses" if layout[1] == 1 else "usp")
+    expected = {"context_refiner": local, "noise_refiner": sharded if shard_refiner else local, "layers": sharded}
+    assert info["attention"] == expected == info["installed_attention"]
+    assert (info["fa3_calls"] > 0) == fa3
     n = layout[0] * layout[1]
     # really sharded: the single request's 64 tokens (padded up to a multiple of n) over n ranks
     assert info["shard_lens"][0] == -(-64 // n), info["shard_lens"]
@@ -129,8 +144,8 @@ def test_sp_matches_single_process(sp_results, reference, variant, case):
 
 
 def test_layout_choice_and_clear_errors(tiny_dir):
-    from serve_app.model_sources import load_transformer
-    from serve_app.zimage_context_parallel import choose_layout, enable_sequence_parallel
+    from serve_app.engines.model_sources import load_transformer
+    from serve_app.sp.plan import choose_layout, enable_sequence_parallel
 
     assert [choose_layout(n, 30) for n in (2, 3, 4, 6, 8)] == [(2, 1), (3, 1), (2, 2), (6, 1), (2, 4)]
     assert [choose_layout(n, 6) for n in (2, 3, 4, 6)] == [(2, 1), (3, 1), (2, 2), (6, 1)]
@@ -147,7 +162,7 @@ def test_layout_choice_and_clear_errors(tiny_dir):
 
 
 def test_same_caption_length_batches_never_need_a_mask():
-    from serve_app.denoiser_engine import group_by_shape
+    from serve_app.engines.denoiser import group_by_shape
 
     reqs = [DenoiseRequest(embeds=torch.zeros(n, 8), height=h, width=64, steps=2, seed=0) for n, h in
             ((7, 64), (30, 64), (33, 64), (64, 64), (70, 64), (7, 128))]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from serve_app.config import AppConfig, DenoiserConfig, ModelConfig
-from serve_app.denoiser_engine import DenoiseRequest, DenoiserEngine
+from serve_app.engines.denoiser import DenoiseRequest, DenoiserEngine
 
 SIZE, STEPS, ATOL = 64, 2, 1e-4
 HEALTH_TIMEOUT_S = 10.0
@@ -77,20 +77,20 @@ def _assert_matches(latents, reference):
 def test_sp4_in_placement_group_matches_single(ray_cluster, tiny_dir, reference):
     from ray.util.placement_group import remove_placement_group
 
-    from serve_app.sp_group import SPGroup
+    from serve_app.sp.rank_group import SPGroup
 
     pg = _placement_group(ray_cluster, 4)
     group = SPGroup(_cfg(tiny_dir), 4, placement_group=pg)  # layout from the 6 heads: ulysses 2 x ring 2
     try:
-        info = group.info()
+        info = group.info()["ranks"]
         assert [i["rank"] for i in info] == [0, 1, 2, 3]
-        assert {(i["ulysses_degree"], i["ring_degree"], i["attention"], i["backend"]) for i in info} == {(2, 2, "usp", "gloo")}
+        assert {(i["sp"]["ulysses_degree"], i["sp"]["ring_degree"], i["sp"]["attention"], i["backend"]) for i in info} == {(2, 2, "usp", "gloo")}
         # Ray gave each rank its own (pretend) GPU; torch has no CUDA here, so they run on CPU
         assert sorted(str(i["gpu_ids"][0]) for i in info) == ["0", "1", "2", "3"]
         assert {i["device"] for i in info} == {"cpu"}
         _assert_matches(group.denoise(_requests(reference[1])), reference)
         group.check_health(HEALTH_TIMEOUT_S)
-        assert group.stats.snapshot()["forwards"] == STEPS
+        assert group.stats()["forwards"] == STEPS
     finally:
         group.shutdown()
         remove_placement_group(pg)
@@ -99,7 +99,7 @@ def test_sp4_in_placement_group_matches_single(ray_cluster, tiny_dir, reference)
 def test_sp2_matches_single_and_a_killed_rank_fails_health(ray_cluster, tiny_dir, reference):
     from ray.util.placement_group import remove_placement_group
 
-    from serve_app.sp_group import SPGroup
+    from serve_app.sp.rank_group import SPGroup
 
     pg = _placement_group(ray_cluster, 2)
     group = SPGroup(_cfg(tiny_dir, ulysses_degree=2), placement_group=pg)

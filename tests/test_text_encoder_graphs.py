@@ -1,4 +1,4 @@
-"""The text encoder's CUDA graphs (serve_app/text_encoder_graphs.py) run the forward without a padding
+"""The text encoder's CUDA graphs (serve_app/engines/text_encoder_graphs.py) run the forward without a padding
 mask. What makes that exact for the real tokens is tested here on CPU: right padding under causal
 attention. Capture and replay need a GPU (benchmarks/bench_stages.py times them and compares them with
 the masked eager encoder)."""
@@ -6,8 +6,8 @@ the masked eager encoder)."""
 import torch
 
 from serve_app.config import ModelConfig, TextEncoderConfig
-from serve_app.text_encoder_engine import TextEncoderEngine
-from serve_app.text_encoder_graphs import EncoderGraphs, batch_buckets, unmasked_states
+from serve_app.engines.text_encoder import TextEncoderEngine
+from serve_app.engines.text_encoder_graphs import EncoderGraphs, batch_buckets, unmasked_states
 
 PROMPTS = ["a cat", "an astronaut riding a horse on the moon, digital art, highly detailed", "山水画，远处的群山和云雾"]
 
@@ -49,7 +49,7 @@ def test_a_failed_capture_leaves_the_eager_encoder(tiny_dir, caplog):
     te = TextEncoderEngine(ModelConfig(source="tiny", tiny_dir=str(tiny_dir)), TextEncoderConfig())
     ref = te.encode(PROMPTS)
     te.graphs = EncoderGraphs(te.model, True, te.tokenizer.pad_token_id, 8)  # on CPU no capture can succeed
-    with caplog.at_level("WARNING", logger="serve_app.text_encoder_engine"):
+    with caplog.at_level("WARNING", logger="serve_app.engines.text_encoder"):
         assert te.warmup() > 0  # the eager warm-up forwards ran instead
     assert te.graphs is None and "CUDA graphs off" in caplog.text
     for a, b in zip(te.encode(PROMPTS), ref):

@@ -1,20 +1,15 @@
 """Batching for a stage whose batches run one at a time on one GPU thread.
 
-Ray Serve's `@serve.batch` forms the next batch while the current one still runs (it waits
-`batch_wait_timeout_s` for arrivals, then queues that batch for the single execution slot), so under
-load a long-running DiT batch is followed by a batch of one or two, and everything that arrived during
-the run waits for the batch after that (measured on H100 at c=20, 1024²: 320 of 320 DiT forwards at
-batch 1 with a 0 s wait). Here the next batch is formed when the GPU thread is free: after the first
-request, wait up to `wait_timeout_s` for more, then take everything queued, up to `max_batch_size`.
-Idle, a request starts after at most `wait_timeout_s`; loaded, batches fill with what queued meanwhile.
-`wait_fn(item)` says whether a batch that starts with `item` waits at all (the DiT: only when other
-images are on their way — the request's siblings, or prompts encoded in the same text-encoder batch —
-so a lone request starts at once: ~4 ms less between the stages per request on CPU).
+Ours, not Ray Serve's `@serve.batch`, because that one forms the next batch while the current one still
+runs, so under load a long DiT batch is followed by batches of one (benchmarks/README.md, "DiT batching").
+Here the next batch is formed when the GPU thread is free: after the first request, wait up to
+`wait_timeout_s` for more, then take everything queued, up to `max_batch_size`. `wait_fn(item)` says
+whether a batch that starts with `item` waits at all (the DiT: only when other images are on their way,
+so a lone request starts at once).
 
 `cost_fn` / `max_batch_cost` bound a batch by work rather than count (the DiT: pixels per batch), since
-batching only pays while one item leaves the GPU idle: on H100 with FP8, batches of 8 at 512² served
-1.95x the images/s of batch 1, while batches of 4 at 1024² served fewer than batch 1 (1.16 vs 1.41/s).
-The first item of a batch always runs, whatever its cost.
+batching only pays while one item leaves the GPU idle. The first item of a batch always runs, whatever
+its cost.
 """
 
 from __future__ import annotations

@@ -24,8 +24,15 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app.config import AppConfig
 from serve_app.image_encoding import encode_image
-from serve_app.openai_api import APIError, ImageGenerationRequest, ValidatedRequest, param_from_pydantic_loc, validate_request
-from serve_app.stage_messages import DenoiseJob
+from serve_app.openai_api import (
+    APIError,
+    ImageGenerationRequest,
+    ValidatedRequest,
+    param_from_pydantic_loc,
+    validate_request,
+    warmup_size,
+)
+from serve_app.stage_messages import DenoiseRequest
 
 log = logging.getLogger("ray.serve")
 
@@ -59,20 +66,6 @@ def _cancel_all(responses: list) -> None:
             r.cancel()
         except Exception:
             pass
-
-
-async def _settled(response):
-    """A stage's finished result in the form the next stage's call takes: its object ref. The next replica
-    reads it from Ray's object store; passing the value instead makes this replica deserialize it, then
-    serialize and store it again for the next call (prompt embeddings, latents: ~0.5-1 MB; on a 2-core
-    CPU 26-30 -> 21-23 ms for three such hops; on the H100 host within the runs' spread). Raises the
-    stage's error like awaiting the response does.
-    Where Serve passes results by value (gRPC between replicas) there is no ref: the value it is."""
-    if not response.by_reference:
-        return await response
-    ref = await response._to_object_ref()
-    await ref  # the result exists (or its error is raised here, not in the next stage)
-    return ref
 
 
 @serve.deployment
@@ -127,7 +120,7 @@ class ImageIngress:
             return JSONResponse(status_code=503, content={"status": "starting", "detail": repr(e)[:300]})
         if self.server.warmup and not self._warm:
             try:
-                await self._generate(ImageGenerationRequest(prompt="warm-up", size="64x64", num_inference_steps=1, seed=0))
+                await self._generate(ImageGenerationRequest(prompt="warm-up", size=warmup_size(self.server), num_inference_steps=1, seed=0))
                 self._warm = True
             except Exception as e:
                 return JSONResponse(status_code=503, content={"status": "warming up", "detail": repr(e)[:300]})
@@ -214,17 +207,23 @@ class ImageIngress:
         # Each stage is awaited here rather than chained as unresolved responses: Serve checks a stage's
         # max_queued_requests when the call is made and does not count a call still waiting for an
         # unresolved argument, so chained calls would bypass the 503; and a dead DiT rank would surface
-        # as Serve's generic "upstream actor died". What is handed on is the finished result's object
-        # ref, not its value (`_settled`).
+        # as Serve's generic "upstream actor died".
         encodes = [call(self.text_encoder.encode, req.prompt)]
         if req.guidance_scale > 0:
             encodes.append(call(self.text_encoder.encode, req.negative_prompt or ""))
-        encoded = await asyncio.gather(*[_settled(r) for r in encodes])
+        encoded = await asyncio.gather(*encodes)
         prompt, negative = encoded[0], (encoded[1] if len(encoded) > 1 else None)
+        text_encoder_s = sum(e.timings.get("text_encoder_s", 0.0) for e in encoded)
 
         async def one_image(seed: int):
-            job = DenoiseJob(height=req.height, width=req.width, steps=req.steps, seed=seed, guidance_scale=req.guidance_scale, burst=req.n)
-            latents = await _settled(call(self.denoiser.denoise, prompt, negative, job))
-            return await call(self.vae.decode, latents)
+            request = DenoiseRequest(
+                embeds=prompt.embeds, height=req.height, width=req.width, steps=req.steps, seed=seed,
+                guidance_scale=req.guidance_scale, negative_embeds=negative.embeds if negative is not None else None,
+                companions=max(req.n, prompt.batch),
+            )
+            latents = await call(self.denoiser.denoise, request)
+            decoded = await call(self.vae.decode, latents)
+            decoded.timings["text_encoder_s"] = text_encoder_s
+            return decoded
 
         return await asyncio.gather(*[one_image(s) for s in seeds]), seeds

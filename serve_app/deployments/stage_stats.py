@@ -6,13 +6,15 @@ from __future__ import annotations
 import collections
 import os
 import threading
+import time
+from typing import Any, Callable
 
 import torch
 
 
 class StageStats:
     def __init__(self, device: torch.device):
-        from serve_app.platform import detect_platform
+        from serve_app.engines.platform import detect_platform
 
         self.device = device
         self.platform = detect_platform(device).as_dict()  # vendor, chip, arch: what the replica landed on
@@ -22,6 +24,25 @@ class StageStats:
         self.busy_s = 0.0
         self.batch_sizes: collections.Counter = collections.Counter()
         self.startup_s: dict[str, float] = {}  # where the replica's start went: build (load + switches), warmup
+
+    @classmethod
+    def start(cls, build: Callable[[], Any], warmup: Callable[[Any], Any]) -> tuple[Any, "StageStats"]:
+        """Build a stage's engine, then warm it up; the stats know where the start went."""
+        t0 = time.perf_counter()
+        engine = build()
+        t1 = time.perf_counter()
+        stats = cls(engine.device)
+        warmup(engine)
+        stats.startup_s = {"build": t1 - t0, "warmup": time.perf_counter() - t1}
+        return engine, stats
+
+    def timed(self, fn: Callable[[list], list], items: list) -> tuple[list, float]:
+        """fn(items), recorded as one batch; returns its results and seconds."""
+        t0 = time.perf_counter()
+        out = fn(items)
+        dt = time.perf_counter() - t0
+        self.record(len(items), dt)
+        return out, dt
 
     def record(self, batch_size: int, seconds: float) -> None:
         with self._lock:

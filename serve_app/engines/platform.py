@@ -68,11 +68,7 @@ class PlatformInfo:
 @dataclass
 class CompileSettings:
     enabled: bool
-    backend: str = "inductor"
-    mode: str | None = None  # None: inductor's default (no CUDA graphs: shapes vary per request)
-    fullgraph: bool = True
     dynamic: bool = True
-    regional: bool = True  # compile_repeated_blocks: one graph per block class, not the whole DiT
 
 
 @dataclass
@@ -243,7 +239,7 @@ def _default_importable(module: str) -> bool:
         return False
 
 
-# The FlashAttention-3 builds our processor takes (serve_app/fa3_attention.py): flash-attention's `hopper/`
+# The FlashAttention-3 builds our processor takes (serve_app/engines/fa3_attention.py): flash-attention's `hopper/`
 # package, then the `fa3-fwd` wheel.
 FA3_INTERFACE_MODULES = ("flash_attn_interface", "fa3_fwd_interface")
 
@@ -293,8 +289,7 @@ def _auto_attention_backend(platform: PlatformInfo, importable: Callable[[str], 
     """Fastest usable backend by vendor, in order of preference; `native` (torch SDPA) always works."""
     if platform.vendor == "nvidia":
         major = (platform.capability or (0, 0))[0]
-        if major == 9:  # Hopper: FA3 if built; else torch SDPA, measured fastest on H100 (one 1024² DiT
-            # forward, eager bf16: native 158.9 ms, _native_cudnn 164.9 ms, _native_flash 171.0 ms)
+        if major == 9:  # Hopper: FA3 if built; else torch SDPA, measured fastest (benchmarks/README.md)
             prefs = ["_flash_3"]
         elif major >= 10:  # Blackwell: cuDNN SDPA has sm_100 kernels; FA2 does not beat it
             prefs = ["_native_cudnn", "flash"]
@@ -375,8 +370,6 @@ def choose_engine_settings(platform: PlatformInfo, denoiser_cfg, *, importable: 
         if supported_dtype is None:
             what = platform.chip or platform.device_name or platform.vendor
             warn(f"fp8 requested but {what} ({platform.arch or platform.vendor}) has no FP8 matrix cores; running without FP8")
-        elif getattr(denoiser_cfg, "fp8_impl", "native") == "torchao" and not importable("torchao"):
-            warn("fp8 requested but torchao is not installed; running without FP8")
         else:
             fp8, fp8_dtype = True, supported_dtype
 

@@ -16,33 +16,43 @@ from __future__ import annotations
 
 import collections
 import threading
-from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from serve_app.compile_cache import use_compile_cache
 from serve_app.config import DenoiserConfig, ModelConfig
-from serve_app.devices import resolve_device, resolve_dtype
-from serve_app.dit_acceleration import accelerate_transformer
-from serve_app.model_sources import load_scheduler_config, load_transformer
+from serve_app.engines.compile_cache import use_compile_cache
+from serve_app.engines.devices import placement
+from serve_app.engines.dit_builder import SPOptions, build_dit
+from serve_app.engines.model_sources import load_scheduler_config
+from serve_app.stage_messages import DenoiseRequest
 
 VAE_SCALE_FACTOR = 8  # Flux VAE: 2 ** (len(block_out_channels) - 1)
 PIXELS_PER_LATENT_PATCH = VAE_SCALE_FACTOR * 2  # the DiT patchifies latents 2x2
+CAPTION_PAD = 32  # Z-Image pads each caption to a multiple of 32 tokens (its pad token is attended)
 
 
-@dataclass
-class DenoiseRequest:
-    embeds: torch.Tensor  # [tokens, hidden] for the prompt
-    height: int
-    width: int
-    steps: int
-    seed: int
-    guidance_scale: float = 0.0
-    negative_embeds: torch.Tensor | None = None  # required when guidance_scale > 0
+class Denoiser(Protocol):
+    """What the denoiser deployment drives: a local `DenoiserEngine` or an SP group of them
+    (`serve_app.sp.rank_group.SPGroup`)."""
 
-    @property
-    def shape_key(self) -> tuple[int, int, int]:
-        return (self.height, self.width, self.steps)
+    device: torch.device  # where `denoise` returns its latents
+
+    def denoise(self, requests: list[DenoiseRequest]) -> list[torch.Tensor]:
+        """Latents [C, h, w] float32 per request, in order."""
+
+    def warmup(self, sizes: list[tuple[int, int]], steps: int = 1, batch: int = 1) -> None: ...
+
+    def stats(self) -> dict:
+        """Counters: forwards, batches, requests, forward batch sizes, mixed-shape forwards."""
+
+    def info(self) -> dict:
+        """What was built (`DiTBuild.as_dict()`), plus the SP ranks for a group."""
+
+    def check_health(self) -> None:
+        """Raise if the engine cannot serve (a dead or hung SP rank)."""
+
+    def shutdown(self) -> None: ...
 
 
 def default_sigmas(steps: int) -> list[float]:
@@ -60,15 +70,12 @@ def initial_noise(seed: int, channels: int, height: int, width: int) -> torch.Te
     return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
 
 
-CAPTION_PAD = 32  # Z-Image pads each caption to a multiple of 32 tokens (its pad token is attended)
-
-
 def group_by_shape(requests: list[DenoiseRequest], same_caption_length: bool = False) -> dict[tuple, list[int]]:
-    """Indices of the requests that may share a DiT forward: same (height, width, steps), and with
+    """Indices of the requests that may share a DiT forward: equal `batch_key`, and with
     `same_caption_length` also the same padded caption length, so that no forward needs a key mask."""
     groups: dict[tuple, list[int]] = collections.defaultdict(list)
     for i, r in enumerate(requests):
-        key = r.shape_key + ((-(-r.embeds.shape[0] // CAPTION_PAD),) if same_caption_length else ())
+        key = r.batch_key + ((-(-r.embeds.shape[0] // CAPTION_PAD),) if same_caption_length else ())
         groups[key].append(i)
     return dict(groups)
 
@@ -82,7 +89,7 @@ class DenoiserStats:
         self.batches = 0
         self.requests = 0
         self.forward_batch_sizes: collections.Counter = collections.Counter()
-        self.mixed_shape_forwards = 0  # forwards whose inputs had more than one latent shape (must stay 0)
+        self.mixed_shape_forwards = 0  # forwards given inputs of more than one latent shape (must stay 0)
 
     def record_forward(self, latent_shapes: set[tuple], forward_batch: int) -> None:
         with self._lock:
@@ -107,19 +114,32 @@ class DenoiserStats:
 
 
 class DenoiserEngine:
-    def __init__(self, model_cfg: ModelConfig, cfg: DenoiserConfig, device: torch.device | None = None):
+    """The DiT on one device; with `sp`, one rank of a sequence-parallel group (every rank runs the same
+    `denoise` calls and gets the same latents)."""
+
+    def __init__(self, model_cfg: ModelConfig, cfg: DenoiserConfig, device: torch.device | None = None,
+                 sp: SPOptions | None = None):
         self.cfg = cfg
         self.compile_cache_dir = use_compile_cache(model_cfg.compile_cache_dir)
-        self.device = device or resolve_device(model_cfg)
-        self.dtype = resolve_dtype(model_cfg, self.device)
-        self.transformer = load_transformer(model_cfg, self.device, self.dtype)
+        self.device, self.dtype = placement(model_cfg, device)
+        self.transformer, self.build = build_dit(model_cfg, cfg, self.device, self.dtype, sp)
         self.scheduler_config = load_scheduler_config(model_cfg)
         self.in_channels = self.transformer.config.in_channels
         self.cap_feat_dim = self.transformer.config.cap_feat_dim
-        self.stats = DenoiserStats()
-        self.same_caption_length_batches = False  # set by the SP engine (see DenoiserConfig)
-        self.acceleration = accelerate_transformer(self.transformer, cfg, self.device)
-        self.acceleration["compile_cache_dir"] = self.compile_cache_dir
+        self._stats = DenoiserStats()
+        self.same_caption_length_batches = self.build.sp is not None and cfg.sp_same_caption_length_batches
+
+    def stats(self) -> dict:
+        return self._stats.snapshot()
+
+    def info(self) -> dict:
+        return {**self.build.as_dict(), "device": str(self.device), "compile_cache_dir": self.compile_cache_dir}
+
+    def check_health(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
 
     def _scheduler(self, steps: int, image_seq_len: int):
         from diffusers import FlowMatchEulerDiscreteScheduler
@@ -146,19 +166,19 @@ class DenoiserEngine:
 
     @torch.no_grad()
     def denoise(self, requests: list[DenoiseRequest]) -> list[torch.Tensor]:
-        """Latents [C, h, w] (float32, engine device) for each request, in order. Mixed shapes are split
-        into one batch per shape; each shape's batch runs all its steps before the next starts."""
+        """Latents [C, h, w] (float32, engine device) for each request, in order. Requests are split into
+        one batch per `group_by_shape` group; each group runs all its steps before the next starts."""
         for r in requests:
             self.validate(r)
         out: list[torch.Tensor | None] = [None] * len(requests)
         for _, idx in group_by_shape(requests, self.same_caption_length_batches).items():
-            for i, latents in zip(idx, self._denoise_same_shape([requests[i] for i in idx])):
+            for i, latents in zip(idx, self._denoise_group([requests[i] for i in idx])):
                 out[i] = latents
         return out  # type: ignore[return-value]
 
-    def _denoise_same_shape(self, reqs: list[DenoiseRequest]) -> list[torch.Tensor]:
-        height, width, steps = reqs[0].shape_key
-        latents = torch.cat([initial_noise(r.seed, self.in_channels, height, width) for r in reqs]).to(self.device)
+    def _denoise_group(self, reqs: list[DenoiseRequest]) -> list[torch.Tensor]:
+        height, width, steps = reqs[0].batch_key
+        latents = torch.cat([initial_noise(r.seed, self.in_channels, r.height, r.width) for r in reqs]).to(self.device)
         image_seq_len = (latents.shape[2] // 2) * (latents.shape[3] // 2)
         scheduler = self._scheduler(steps, image_seq_len)
 
@@ -174,8 +194,8 @@ class DenoiserEngine:
                 latent_in = torch.cat([latent_in, latent_in[cfg_idx]])
                 timestep = torch.cat([timestep, timestep[cfg_idx]])
             latent_list = list(latent_in.unsqueeze(2).unbind(dim=0))
+            self._stats.record_forward({tuple(x.shape) for x in latent_list}, len(latent_list))
             model_out = self.transformer(latent_list, timestep, embeds, return_dict=False)[0]
-            self.stats.record_forward({tuple(x.shape) for x in latent_list}, len(latent_list))
             preds = [o.float() for o in model_out[:n]]
             for j, i in enumerate(cfg_idx):
                 pos, neg = preds[i], model_out[n + j].float()
@@ -183,18 +203,15 @@ class DenoiserEngine:
             noise_pred = -torch.stack(preds, dim=0).squeeze(2)
             latents = scheduler.step(noise_pred.to(torch.float32), t, latents, return_dict=False)[0]
 
-        self.stats.record_batch(n)
+        self._stats.record_batch(n)
         return list(latents.unbind(0))
 
     def warmup(self, sizes: list[tuple[int, int]], steps: int = 1, batch: int = 1) -> None:
         """Run each size at batch 1, and at batch 2 when `batch` > 1, so that compilation and kernel
-        selection happen before traffic: a compiled block specialises on batch 1 and recompiles (~20 s
-        at 1024² on H200) the first time it sees more. A batch runs one of two graphs: captions that pad to
-        one length give no mask, mixed lengths a key mask; both are warmed when batches may mix lengths
-        (a batch of equal lengths, not warmed, recompiled for 6-7 s mid-run on H100). The mixed pair pads
-        to 32 and 96 tokens: a pair padding to 64 (16 and 48) left the compiled caption refiner fixed to
-        64 tokens, the width of the RoPE table, and the first real mixed batch recompiled it (6.9 s on
-        H100; with 16 and 80, none of 8 assorted batches recompiled: benchmarks/warmup_recompile_probe.py)."""
+        selection happen before traffic. A batch runs one of two graphs, captions of one padded length
+        (no mask) or of mixed lengths (a key mask); both are warmed where batches may mix lengths. The mixed
+        pair pads to 32 and 96 tokens, not to 64, the RoPE table's width, which would leave the compiled
+        caption refiner fixed to 64 tokens (benchmarks/README.md, "warm-up recompiles")."""
         pairs = [(16, 16)] if self.same_caption_length_batches else [(16, 16), (16, 80)]
         for h, w in sizes:
             self.denoise([DenoiseRequest(embeds=torch.zeros(16, self.cap_feat_dim), height=h, width=w, steps=steps, seed=0)])

@@ -9,12 +9,8 @@ FA3 takes no attention mask. A batch whose captions differ in length carries one
 Z-Image pads each item's joint sequence at the end and masks those pad keys (`attn_mask[i, :len_i] = 1`),
 so the mask is a key length per item, which FA3's varlen entry takes as `seqused_k` over the padded
 batch laid end to end (fixed-stride `cu_seqlens`): the same result as SDPA with the mask, without
-SDPA's masked kernels.
-
-Measured on H100 (benchmarks/README.md): one 1024² attention 0.424 ms vs SDPA's 0.461 ms; an FP8 DiT
-denoise of 8 steps 626 -> 599 ms; key-padded batches (512² x 8, 1024² x 2) 1.47x / 1.62x faster than SDPA
-with the mask. Its FP8 kernels (q, k, v scaled per head) were slower end to end (618
-ms: the quantization passes cost more than they save) and less exact, so they are not offered.
+SDPA's masked kernels. Measured against SDPA, and FA3's FP8 kernels measured and dropped, in
+benchmarks/README.md ("FlashAttention-3").
 """
 
 from __future__ import annotations
@@ -24,7 +20,7 @@ from functools import cache
 
 import torch
 
-from serve_app.platform import FA3_INTERFACE_MODULES as INTERFACE_MODULES
+from serve_app.engines.platform import FA3_INTERFACE_MODULES as INTERFACE_MODULES
 
 
 @cache

@@ -14,41 +14,13 @@ from pathlib import Path
 import torch
 
 from serve_app.config import ModelConfig
-from serve_app.tiny_model import ensure_tiny_model
-
-# The published Z-Image-Turbo configuration (transformer, Qwen3-4B text encoder, Flux VAE, scheduler).
-FULL_TRANSFORMER_CONFIG = dict(axes_lens=[1536, 512, 512])  # all else: ZImageTransformer2DModel defaults
-FULL_TEXT_ENCODER_CONFIG = dict(
-    vocab_size=151936,
-    hidden_size=2560,
-    intermediate_size=9728,
-    num_hidden_layers=36,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=128,
-    max_position_embeddings=40960,
-    rope_theta=1_000_000.0,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=True,
+from serve_app.engines.model_configs import (
+    FULL_SCHEDULER_CONFIG,
+    FULL_TEXT_ENCODER_CONFIG,
+    FULL_TRANSFORMER_CONFIG,
+    FULL_VAE_CONFIG,
 )
-FULL_VAE_CONFIG = dict(
-    in_channels=3,
-    out_channels=3,
-    latent_channels=16,
-    block_out_channels=[128, 256, 512, 512],
-    down_block_types=["DownEncoderBlock2D"] * 4,
-    up_block_types=["UpDecoderBlock2D"] * 4,
-    layers_per_block=2,
-    norm_num_groups=32,
-    sample_size=1024,
-    scaling_factor=0.3611,
-    shift_factor=0.1159,
-    use_quant_conv=False,
-    use_post_quant_conv=False,
-    force_upcast=True,
-)
-FULL_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
-
+from serve_app.engines.tiny_model import ensure_tiny_model
 
 def pretrained_root(cfg: ModelConfig) -> str:
     """The folder or hub id that `from_pretrained` reads for `hub` and `tiny` sources."""

@@ -12,11 +12,10 @@ import logging
 
 import torch
 
-from serve_app.compile_cache import use_compile_cache
 from serve_app.config import ModelConfig, TextEncoderConfig
-from serve_app.devices import resolve_device, resolve_dtype
-from serve_app.model_sources import load_text_encoder, load_tokenizer
-from serve_app.text_encoder_graphs import EncoderGraphs
+from serve_app.engines.devices import placement
+from serve_app.engines.model_sources import load_text_encoder, load_tokenizer
+from serve_app.engines.text_encoder_graphs import EncoderGraphs
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +23,7 @@ log = logging.getLogger(__name__)
 class TextEncoderEngine:
     def __init__(self, model_cfg: ModelConfig, cfg: TextEncoderConfig):
         self.cfg = cfg
-        self.compile_cache_dir = use_compile_cache(model_cfg.compile_cache_dir)
-        self.device = resolve_device(model_cfg)
-        self.dtype = resolve_dtype(model_cfg, self.device)
+        self.device, self.dtype = placement(model_cfg)
         self.tokenizer = load_tokenizer(model_cfg)
         self.model = load_text_encoder(model_cfg, self.device, self.dtype)
         if cfg.skip_last_layer:
@@ -35,15 +32,9 @@ class TextEncoderEngine:
             self.model.config.num_hidden_layers -= 1
             self.model.norm = torch.nn.Identity()
         self.hidden_size = self.model.config.hidden_size
-        self.compiled = bool(cfg.compile and self.device.type != "cpu")  # inductor's CPU codegen buys nothing here
-        if self.compiled:
-            # Every layer runs the same code: Dynamo compiles it once (parameters are graph inputs) and
-            # the layers share the graph, as diffusers' compile_repeated_blocks does for the DiT.
-            for layer in self.model.layers:
-                layer.compile(dynamic=True)
-        # CUDA graphs of the eager forward (not of a compiled one); captured by warmup() or on first use
+        # CUDA graphs of the forward, captured by warmup() or on a shape's first use
         self.graphs = None
-        if cfg.cuda_graph and self.device.type == "cuda" and not self.compiled:
+        if cfg.cuda_graph and self.device.type == "cuda":
             pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
             self.graphs = EncoderGraphs(self.model, cfg.skip_last_layer, pad_id, cfg.cuda_graph_max_batch)
 
@@ -93,13 +84,9 @@ class TextEncoderEngine:
     @torch.no_grad()
     def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> int:
         """One forward per padded length the engine can see (multiples of `pad_to_multiple_of` up to
-        `max_sequence_length`), so that no request pays for a new shape's kernel selection (on H100 the
-        first forward at a new length costs ~80 ms more). A compiled encoder also runs batch 2: Dynamo
-        specialises on batch 1 and compiles once more for the first larger batch. With `cuda_graph`,
-        captures a graph per batch bucket and length instead. Returns the number of forwards run or
+        `max_sequence_length`), so that no request pays for a new shape's kernel selection; with
+        `cuda_graph`, a graph per batch bucket and length instead. Returns the number of forwards run or
         graphs captured."""
-        if self.compiled and 2 not in batch_sizes:
-            batch_sizes = (*batch_sizes, 2)
         step, top = self.cfg.pad_to_multiple_of, self.cfg.max_sequence_length
         lengths = [top] if self.cfg.pad_to_max_length else list(range(step, top + step, step))
         if len(lengths) > 64:  # no bucketing: too many shapes to warm, keep the first few

@@ -21,6 +21,12 @@ def resolve_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def placement(cfg: ModelConfig, device: torch.device | None = None) -> tuple[torch.device, torch.dtype]:
+    """The device an engine runs on (`device`, else the config's) and its dtype there."""
+    device = device or resolve_device(cfg)
+    return device, resolve_dtype(cfg, device)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -1,11 +1,10 @@
 """CUDA graphs of the text encoder's forward (`text_encoder.cuda_graph`).
 
-The Qwen3-4B forward over a prompt (~100 tokens) is a few milliseconds of H100 work issued as several
-hundred kernels from Python, so it is bound by launches: 46–70 ms measured, most of it the CPU. A CUDA
-graph replays the same kernels with one launch (H100: 31 -> 10.9 ms at batch 1, 25 ms at batch 8, the
-same states to the bit). One graph per (batch bucket, padded length), captured at warm-up or on a shape's
-first use: batches are padded with pad rows up to the next power of two, lengths are already multiples
-of `pad_to_multiple_of`.
+The Qwen3-4B forward over a prompt is a few milliseconds of GPU work issued as several hundred kernels
+from Python, so it is bound by launches; a CUDA graph replays the same kernels with one launch, the same
+states to the bit (benchmarks/README.md, "text encoder CUDA graphs"). One graph per (batch bucket, padded
+length), captured at warm-up or on a shape's first use: batches are padded with pad rows up to the next
+power of two, lengths are already multiples of `pad_to_multiple_of`.
 
 The graphs run without an attention mask. Prompts are right-padded and the attention is causal, so no
 real token ever attends to a pad and its state is the one the padding mask gives; the pad positions'

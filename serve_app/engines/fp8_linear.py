@@ -3,13 +3,15 @@ run time, one `torch._scaled_mm` (FP8 tensor cores) with the bf16 output and the
 
 The arithmetic of torchao's `Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())`, held in
 plain tensors instead of a tensor subclass, so that `torch.compile` treats the FP8 weights and scales as
-ordinary graph inputs and every DiT block shares one compiled graph (measured on H100, torch 2.11 +
-torchao 0.18: the subclass path had not finished its first compile after 330 s; see benchmarks/).
+ordinary graph inputs and every DiT block shares one compiled graph (the subclass path's first compile
+is far slower: benchmarks/README.md, "FP8 through torchao").
 """
 
 from __future__ import annotations
 
 import torch
+
+from serve_app.engines.library_internals import scaled_mm
 
 
 def _rowwise_scale(x: torch.Tensor, fp8_max: float) -> torch.Tensor:
@@ -33,9 +35,7 @@ class Float8RowwiseLinear(torch.nn.Module):
         x2 = x.reshape(-1, self.in_features)
         x_scale = _rowwise_scale(x2, self.fp8_max)  # [tokens, 1]
         xq = (x2.float() / x_scale).clamp(-self.fp8_max, self.fp8_max).to(self.fp8_dtype)
-        out = torch._scaled_mm(
-            xq, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale, bias=self.bias, out_dtype=x.dtype
-        )
+        out = scaled_mm(xq, self.weight.t(), x_scale, self.weight_scale, self.bias, x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

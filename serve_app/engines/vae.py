@@ -9,28 +9,23 @@ from __future__ import annotations
 
 import torch
 
-from serve_app.compile_cache import use_compile_cache
+from serve_app.engines.compile_cache import use_compile_cache
 from serve_app.config import ModelConfig, VaeConfig
-from serve_app.devices import resolve_device, resolve_dtype
-from serve_app.model_sources import load_vae
+from serve_app.engines.devices import placement
+from serve_app.engines.model_sources import load_vae
 
 
 class VaeEngine:
     def __init__(self, model_cfg: ModelConfig, cfg: VaeConfig):
         self.cfg = cfg
         self.compile_cache_dir = use_compile_cache(model_cfg.compile_cache_dir)
-        self.device = resolve_device(model_cfg)
-        self.dtype = resolve_dtype(model_cfg, self.device)
+        self.device, self.dtype = placement(model_cfg)
         self.vae = load_vae(model_cfg, self.device, self.dtype)
         self.scaling_factor = self.vae.config.scaling_factor
         self.shift_factor = self.vae.config.shift_factor
-        if cfg.cudnn_benchmark and self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # this process's convolutions are the VAE's
-        if cfg.channels_last:
-            self.vae.to(memory_format=torch.channels_last)
         self.compiled = bool(cfg.compile and self.device.type != "cpu")
         if self.compiled:
-            # one graph per latent shape: with dynamic shapes the first compile took > 5 min on an H100
+            # one graph per latent shape: a dynamic-shape compile is far slower (benchmarks/README.md, "VAE")
             self.vae.decoder = torch.compile(self.vae.decoder, dynamic=False)
 
     @torch.no_grad()
@@ -41,9 +36,8 @@ class VaeEngine:
         for i, lat in enumerate(latents):
             by_shape.setdefault(tuple(lat.shape), []).append(i)
         for shape, idx in by_shape.items():
-            # Compiled, the decoder runs one image at a time: its graph is specialised on the shape, and a
-            # new batch size would recompile (~20 s on H100, seen stalling a c=20 run); batching a 1024²
-            # decode gains nothing (H100 compiled: batch 4 171 ms vs 4 x 39 ms).
+            # compiled, one image at a time: a new batch size would recompile, and batching a decode
+            # gains nothing (benchmarks/README.md, "VAE")
             chunks = [[i] for i in idx] if self.compiled else [idx]
             for chunk in chunks:
                 batch = torch.stack([latents[i] for i in chunk]).to(self.device, self.dtype)
@@ -58,8 +52,6 @@ class VaeEngine:
             self.vae.enable_tiling()
         try:
             z = latents / self.scaling_factor + self.shift_factor
-            if self.cfg.channels_last:
-                z = z.contiguous(memory_format=torch.channels_last)
             image = self.vae.decode(z, return_dict=False)[0]
         finally:
             if tiled:

@@ -1,10 +1,9 @@
-"""Z-Image's rotary embedding in real arithmetic, and the attention processor that uses it.
+"""The attention processor of every Z-Image attention we run: diffusers 0.42's `ZSingleStreamAttnProcessor`,
+operation for operation, with RoPE in real arithmetic and FlashAttention-3 where it applies.
 
-diffusers applies RoPE as a complex multiply (`view_as_complex(q) * freqs_cis`). Inductor cannot fuse
-complex operations, so in a compiled block RoPE runs as separate kernels with float32 round trips
-through memory (3.2 ms of a 94 ms bf16 forward on H100, `benchmarks/README.md`). The same product
-written with the real and imaginary parts, `(a + ib)(c + id) = (ac - bd) + i(ad + bc)`, is a pointwise
-expression that Inductor fuses into the q/k RMSNorm kernels around it. Switch: `denoiser.real_rope`.
+RoPE: diffusers applies it as a complex multiply, which Inductor cannot fuse; the same product written with
+real and imaginary parts, `(a + ib)(c + id) = (ac - bd) + i(ad + bc)`, fuses into the q/k RMSNorm kernels
+around it (`denoiser.real_rope`; benchmarks/README.md, "real RoPE").
 """
 
 from __future__ import annotations
@@ -12,7 +11,13 @@ from __future__ import annotations
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-from serve_app.fa3_attention import INTERFACE_MODULES, fa3_attention, fa3_interface, key_lengths_of
+from serve_app.engines.fa3_attention import INTERFACE_MODULES, fa3_attention, fa3_interface, key_lengths_of
+from serve_app.engines.library_internals import (
+    processor_backend,
+    processor_parallel_config,
+    set_processor_backend,
+    set_processor_parallel_config,
+)
 
 
 def apply_rotary_emb(x_in: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
@@ -56,11 +61,10 @@ def output_projection(attn, out: torch.Tensor, dtype: torch.dtype) -> torch.Tens
     return out
 
 
-class ZImageRealRopeAttnProcessor:
-    """diffusers 0.42's `ZSingleStreamAttnProcessor`, operation for operation, with `rope` (by default
-    `apply_rotary_emb` above, in place of the complex multiply) and optionally FlashAttention-3
-    (`serve_app.fa3_attention`) for the calls that are not sequence-parallel, key-padded batches included. Keeps the
-    attention backend it replaces for everything else."""
+class ZImageAttnProcessor:
+    """`ZSingleStreamAttnProcessor` with `rope` (real or complex arithmetic) and optionally FlashAttention-3
+    (`serve_app.engines.fa3_attention`) for local attention, key-padded batches included; everything else
+    goes through diffusers' `dispatch_attention_fn` with the backend and parallel config diffusers set."""
 
     _attention_backend = None
     _parallel_config = None
@@ -91,19 +95,18 @@ class ZImageRealRopeAttnProcessor:
         return output_projection(attn, out, query.dtype)
 
 
-def use_own_processor(transformer, real_rope: bool = True, fa3: bool = False) -> int:
-    """Install `ZImageRealRopeAttnProcessor` (RoPE real or complex, FA3 or not) on every attention of
-    `transformer` that has diffusers' Z-Image processor or ours, keeping its backend; returns how many
-    were replaced."""
+def install_attention_processors(transformer, real_rope: bool = True, fa3: bool = False) -> int:
+    """Install `ZImageAttnProcessor` (RoPE real or complex, FA3 or not) on every attention of `transformer`
+    that has diffusers' Z-Image processor or ours, keeping its backend; returns how many were replaced."""
     from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
 
     n = 0
     for m in transformer.modules():
         old = getattr(m, "processor", None)
-        if isinstance(old, (ZSingleStreamAttnProcessor, ZImageRealRopeAttnProcessor)):
-            new = ZImageRealRopeAttnProcessor(apply_rotary_emb if real_rope else apply_rotary_emb_complex, fa3)
-            new._attention_backend = old._attention_backend
-            new._parallel_config = old._parallel_config
+        if isinstance(old, (ZSingleStreamAttnProcessor, ZImageAttnProcessor)):
+            new = ZImageAttnProcessor(apply_rotary_emb if real_rope else apply_rotary_emb_complex, fa3)
+            set_processor_backend(new, processor_backend(old))
+            set_processor_parallel_config(new, processor_parallel_config(old))
             m.set_processor(new)
             n += 1
     return n

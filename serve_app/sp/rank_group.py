@@ -5,16 +5,14 @@ with `placement_group_bundles`, that is the replica's own group, `ray.util.get_c
 the replica itself sits in bundle 0, so the ranks take bundles 1..N: `first_bundle_index=1`). Each worker
 asks for one GPU when its bundle has one; a worker that finds no usable CUDA (a CPU-only torch with
 pretend GPUs) runs on CPU with gloo. Rank 0's node IP and a free port there are the rendezvous; every
-rank builds the same `SequenceParallelDenoiser`; `denoise(requests)` sends the same requests (CPU
+rank builds the same SP `DenoiserEngine`; `denoise(requests)` sends the same requests (CPU
 tensors, one object in the store) to all ranks and returns rank 0's latents as CPU tensors.
 
-It quacks like `DenoiserEngine` where the deployment needs it: `denoise`, `warmup`, `stats.snapshot()`,
-`device`, plus `check_health()` and `shutdown()`.
+`SPGroup` is a `serve_app.engines.denoiser.Denoiser`, as a local `DenoiserEngine` is.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import socket
@@ -26,14 +24,14 @@ import torch
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from serve_app.config import AppConfig
-from serve_app.denoiser_engine import DenoiseRequest
+from serve_app.stage_messages import DenoiseRequest
 
 log = logging.getLogger(__name__)
 
 
 @ray.remote(concurrency_groups={"health": 1})
 class SPRankWorker:
-    """One rank: its process group membership and its `SequenceParallelDenoiser`.
+    """One rank: its process group membership and its `DenoiserEngine`.
 
     Everything that enters a collective runs in the default concurrency group, one call at a time (two
     threads issuing collectives on one process group would interleave differently on different ranks and
@@ -42,7 +40,7 @@ class SPRankWorker:
     def __init__(self, rank: int, world_size: int, app_config: dict):
         self.rank, self.world_size = rank, world_size
         self.cfg = AppConfig.model_validate(app_config)
-        self.sp = None
+        self.engine = None
 
     def rendezvous_address(self) -> tuple[str, int]:
         """This node's IP and a port free on it (asked of rank 0)."""
@@ -52,41 +50,36 @@ class SPRankWorker:
         return ray.util.get_node_ip_address(), port
 
     def setup(self, master_addr: str, master_port: int) -> dict:
-        from serve_app.sp_engine import SequenceParallelDenoiser, init_sp_process_group
+        from serve_app.engines.denoiser import DenoiserEngine
+        from serve_app.sp.process_group import init_sp_process_group, sp_options, sp_rank_info
 
         device = init_sp_process_group(
             self.rank, self.world_size, master_addr, master_port, timeout_s=self.cfg.denoiser.collective_timeout_s
         )
         if device.type == "cpu":
             torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
-        self.sp = SequenceParallelDenoiser(self.cfg.model, self.cfg.denoiser, device=device)
-        return {**self.sp.info(), "node_ip": ray.util.get_node_ip_address(), "gpu_ids": ray.get_gpu_ids()}
+        self.engine = DenoiserEngine(self.cfg.model, self.cfg.denoiser, device=device, sp=sp_options(self.cfg.denoiser))
+        return {**sp_rank_info(self.engine), "node_ip": ray.util.get_node_ip_address(), "gpu_ids": ray.get_gpu_ids()}
 
     def denoise(self, requests: list[DenoiseRequest]) -> list[torch.Tensor] | None:
-        latents = self.sp.denoise(requests)
+        latents = self.engine.denoise(requests)
         return [t.cpu() for t in latents] if self.rank == 0 else None  # the others hold the same values
 
     def warmup(self, sizes: list[tuple[int, int]], steps: int = 1, batch: int = 1) -> None:
-        self.sp.warmup([tuple(s) for s in sizes], steps, batch)
+        self.engine.warmup([tuple(s) for s in sizes], steps, batch)
 
     @ray.method(concurrency_group="health")
     def ping(self) -> int:
         return self.rank
 
     def check_collectives(self, timeout_s: float) -> bool:
-        self.sp.check_collectives(timeout_s)
+        from serve_app.sp.process_group import check_collectives
+
+        check_collectives(self.engine.device, timeout_s)
         return True
 
     def stats(self) -> dict:
-        return self.sp.stats.snapshot()
-
-
-class _GroupStats:
-    def __init__(self, group: "SPGroup"):
-        self._group = group
-
-    def snapshot(self) -> dict:
-        return ray.get(self._group.workers[0].stats.remote())
+        return self.engine.stats()
 
 
 class SPGroup:
@@ -133,7 +126,6 @@ class SPGroup:
         except BaseException:
             self.shutdown()
             raise
-        self.stats = _GroupStats(self)
         self._lock = threading.Lock()
         self._in_flight = 0  # denoise / warmup calls running on the ranks
 
@@ -147,8 +139,12 @@ class SPGroup:
             with self._lock:
                 self._in_flight -= 1
 
-    def info(self) -> list[dict]:
-        return list(self.rank_info)
+    def info(self) -> dict:
+        """Rank 0's build record, and every rank's place (rank, device, node, GPU)."""
+        return {**self.rank_info[0], "ranks": list(self.rank_info)}
+
+    def stats(self) -> dict:
+        return ray.get(self.workers[0].stats.remote(), timeout=self.timeout_s)
 
     def _refs(self, method: str, *args) -> list:
         return [getattr(w, method).remote(*args) for w in self.workers]
@@ -156,13 +152,8 @@ class SPGroup:
     def denoise(self, requests: list[DenoiseRequest], timeout_s: float | None = None) -> list[torch.Tensor]:
         """Rank 0's latents [C, h, w] (float32, CPU) per request, in order."""
         with self._busy():
-            reqs = ray.put([_on_cpu(r) for r in requests])
+            reqs = ray.put(requests)  # CPU tensors (stage_messages), stored once for every rank
             return _get_all(self._refs("denoise", reqs), timeout_s)[0]
-
-    async def denoise_async(self, requests: list[DenoiseRequest]) -> list[torch.Tensor]:
-        with self._busy():
-            reqs = ray.put([_on_cpu(r) for r in requests])
-            return (await asyncio.gather(*self._refs("denoise", reqs)))[0]
 
     def warmup(self, sizes: list[tuple[int, int]], steps: int = 1, batch: int = 1) -> None:
         with self._busy():
@@ -210,14 +201,3 @@ def _get_all(refs: list, timeout_s: float | None) -> list:
         ray.get(ready)  # raises RayActorError / the task's error
     return ray.get(refs)
 
-
-def _on_cpu(r: DenoiseRequest) -> DenoiseRequest:
-    return DenoiseRequest(
-        embeds=r.embeds.detach().cpu(),
-        height=r.height,
-        width=r.width,
-        steps=r.steps,
-        seed=r.seed,
-        guidance_scale=r.guidance_scale,
-        negative_embeds=r.negative_embeds.detach().cpu() if r.negative_embeds is not None else None,
-    )

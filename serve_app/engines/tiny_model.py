@@ -16,6 +16,13 @@ from pathlib import Path
 
 import torch
 
+from serve_app.engines.model_configs import (
+    TINY_SCHEDULER_CONFIG,
+    TINY_TEXT_ENCODER_CONFIG,
+    TINY_TRANSFORMER_CONFIG,
+    TINY_VAE_CONFIG,
+)
+
 TINY_VERSION = "v1"
 
 # Qwen3-style chat template; `enable_thinking` is accepted as ZImagePipeline passes it.
@@ -42,51 +49,6 @@ _CORPUS = [
     "user assistant system think image prompt style color light shadow texture",
 ]
 
-TEXT_ENCODER_CONFIG = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=1024,
-    rope_theta=1_000_000.0,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=True,
-)
-# 6 heads: Ulysses 2, 3 and 6 divide them and 4 does not, as with the real model's 30.
-TRANSFORMER_CONFIG = dict(
-    all_patch_size=(2,),
-    all_f_patch_size=(1,),
-    in_channels=16,
-    dim=96,
-    n_layers=2,
-    n_refiner_layers=2,
-    n_heads=6,
-    n_kv_heads=6,
-    norm_eps=1e-5,
-    qk_norm=True,
-    cap_feat_dim=64,
-    rope_theta=256.0,
-    t_scale=1000.0,
-    axes_dims=[8, 4, 4],
-    axes_lens=[256, 128, 128],
-)
-VAE_CONFIG = dict(
-    in_channels=3,
-    out_channels=3,
-    latent_channels=16,
-    block_out_channels=[16, 16, 32, 32],
-    down_block_types=["DownEncoderBlock2D"] * 4,
-    up_block_types=["UpDecoderBlock2D"] * 4,
-    layers_per_block=1,
-    norm_num_groups=8,
-    scaling_factor=0.3611,
-    shift_factor=0.1159,
-    use_quant_conv=False,
-    use_post_quant_conv=False,
-)
-SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
 
 
 def default_tiny_dir() -> Path:
@@ -136,8 +98,8 @@ def build_tiny_model(folder: str | Path, seed: int = 0) -> Path:
     folder = Path(folder)
     tok = _build_tokenizer()
     torch.manual_seed(seed)
-    te = Qwen3Model(Qwen3Config(vocab_size=len(tok), **TEXT_ENCODER_CONFIG))
-    transformer = ZImageTransformer2DModel(**TRANSFORMER_CONFIG)
+    te = Qwen3Model(Qwen3Config(vocab_size=len(tok), **TINY_TEXT_ENCODER_CONFIG))
+    transformer = ZImageTransformer2DModel(**TINY_TRANSFORMER_CONFIG)
     # The pad tokens start as zeros; give them values so a wrong pad shows up in the tests.
     with torch.no_grad():
         transformer.x_pad_token.normal_()
@@ -149,8 +111,8 @@ def build_tiny_model(folder: str | Path, seed: int = 0) -> Path:
             if block.modulation:
                 for p in block.adaLN_modulation.parameters():
                     p.normal_(std=0.05)
-    vae = AutoencoderKL(**VAE_CONFIG)
-    scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
+    vae = AutoencoderKL(**TINY_VAE_CONFIG)
+    scheduler = FlowMatchEulerDiscreteScheduler(**TINY_SCHEDULER_CONFIG)
 
     tok.save_pretrained(folder / "tokenizer")
     te.save_pretrained(folder / "text_encoder")

@@ -1,0 +1,170 @@
+"""The one way to build the DiT: load, then attention processors -> context-parallel plan -> FP8 -> compile,
+in that order, once, and a frozen record of what was applied.
+
+What the config asks for is first checked against the chip (`serve_app.engines.platform`): an attention
+backend that cannot run here, FP8 without FP8 matrix cores, compile on CPU all fall back with a warning in
+the record. The order matters: the plan's hooks and processors must exist before FP8 swaps the linears
+inside them, and compile must see the final modules.
+
+    transformer, build = build_dit(model_cfg, cfg, device, dtype)                 # one GPU
+    transformer, build = build_dit(model_cfg, cfg, device, dtype, sp=SPOptions(...))  # one SP rank
+    build.as_dict()  # what /v1/stats reports; installed_attention(transformer) is what is really there
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from serve_app.config import DenoiserConfig, ModelConfig
+from serve_app.engines.attention_processor import ZImageAttnProcessor, install_attention_processors
+from serve_app.engines.fp8_linear import quantize_linears_fp8
+from serve_app.engines.library_internals import (
+    check_library_versions,
+    contiguous_rope_tables,
+    processor_backend,
+    processor_parallel_config,
+    processors,
+    raise_recompile_limits,
+)
+from serve_app.engines.model_sources import load_transformer
+from serve_app.engines.platform import choose_engine_settings, detect_platform
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ATTENTION_BACKEND = "native"  # diffusers' default: torch SDPA
+BLOCK_GROUPS = ("noise_refiner", "context_refiner", "layers")
+
+
+@dataclass(frozen=True)
+class SPOptions:
+    """How one rank of a sequence-parallel group shards the DiT (the default process group is the group)."""
+
+    world_size: int
+    ulysses_degree: int = 1  # 1 x 1 with world_size > 1: chosen from the head count (`choose_layout`)
+    ring_degree: int = 1
+    ulysses_anything: bool = False  # diffusers' Ulysses for head counts the degree does not divide
+    shard_noise_refiner: bool = True
+
+
+@dataclass(frozen=True)
+class DiTBuild:
+    """What `build_dit` applied. `attention` maps each block group to how its attention runs:
+    "fa3", a diffusers backend name ("native" is SDPA), "ulysses" (diffusers' Ulysses through that
+    backend) or "usp" (our Ulysses x ring)."""
+
+    attention: dict[str, str]
+    real_rope: bool
+    fp8_dtype: str | None
+    compile: bool
+    compile_dynamic: bool
+    sp: dict | None  # ulysses_degree, ring_degree, attention, pads_sequence, shards_noise_refiner
+    platform: dict = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["warnings"] = list(self.warnings)
+        return d
+
+
+def build_dit(model_cfg: ModelConfig, cfg: DenoiserConfig, device: torch.device, dtype: torch.dtype,
+              sp: SPOptions | None = None):
+    """(transformer, DiTBuild) for `device`; with `sp`, this rank's shard of an SP group."""
+    check_library_versions()
+    transformer = load_transformer(model_cfg, device, dtype)
+    if sp is not None and sp.world_size > 1:  # rank 0's weights everywhere, before anything is applied
+        from serve_app.sp.process_group import broadcast_weights
+
+        broadcast_weights(transformer)
+    settings = choose_engine_settings(detect_platform(device), cfg)
+    warnings = list(settings.warnings)
+
+    # 1. attention processors: ours everywhere (FA3 where it imports), or a diffusers backend on them
+    backend = settings.attention_backend
+    fa3 = False
+    if backend == "_flash_3":
+        from serve_app.engines.fa3_attention import INTERFACE_MODULES, fa3_interface
+
+        fa3 = fa3_interface() is not None
+        if not fa3:  # installed but not loadable here (another torch or CUDA)
+            warnings.append(f"attention backend '_flash_3': none of {', '.join(INTERFACE_MODULES)} imports; using SDPA")
+            log.warning("%s", warnings[-1])
+        backend = DEFAULT_ATTENTION_BACKEND
+    install_attention_processors(transformer, real_rope=cfg.real_rope, fa3=fa3)
+    if backend != DEFAULT_ATTENTION_BACKEND:
+        try:
+            transformer.set_attention_backend(backend)
+        except Exception as e:  # an unavailable backend must not take the replica down
+            warnings.append(f"attention backend {backend!r} failed: {e}; using SDPA")
+            log.warning("%s", warnings[-1])
+            backend = DEFAULT_ATTENTION_BACKEND
+    local = "fa3" if fa3 else backend
+    attention = dict.fromkeys(BLOCK_GROUPS, local)
+
+    # 2. context-parallel plan
+    sp_info = None
+    if sp is not None and sp.world_size > 1:
+        from serve_app.sp.plan import choose_layout, enable_sequence_parallel
+
+        u, r = sp.ulysses_degree, sp.ring_degree
+        if u * r == 1:
+            u, r = (sp.world_size, 1) if sp.ulysses_anything else choose_layout(sp.world_size, transformer.config.n_heads)
+        if u * r != sp.world_size:
+            raise ValueError(f"ulysses_degree {u} x ring_degree {r} != world size {sp.world_size}")
+        info = enable_sequence_parallel(
+            transformer, u, r, ulysses_anything=sp.ulysses_anything, shard_noise_refiner=sp.shard_noise_refiner, real_rope=cfg.real_rope,
+        )
+        sharded_kind = "usp" if info.attention == "usp" else "ulysses"
+        for group in ("layers",) + (("noise_refiner",) if info.shards_noise_refiner else ()):
+            attention[group] = sharded_kind
+        sp_info = {"ulysses_degree": info.ulysses_degree, "ring_degree": info.ring_degree, "attention": info.attention,
+                   "pads_sequence": info.pads_sequence, "shards_noise_refiner": info.shards_noise_refiner}
+
+    # 3. FP8: only the big linears inside the transformer blocks; embedders and final layer stay bf16
+    if settings.fp8:
+        def in_blocks(module, fqn):
+            return isinstance(module, torch.nn.Linear) and fqn.startswith(tuple(f"{g}." for g in BLOCK_GROUPS))
+
+        quantize_linears_fp8(transformer, settings.torch_fp8_dtype, in_blocks)
+
+    # 4. regional compile: one graph per block class
+    if settings.compile.enabled:
+        raise_recompile_limits()
+        contiguous_rope_tables(transformer)
+        transformer.compile_repeated_blocks(fullgraph=True, dynamic=settings.compile.dynamic)
+
+    build = DiTBuild(
+        attention=attention,
+        real_rope=cfg.real_rope,
+        fp8_dtype=settings.fp8_dtype if settings.fp8 else None,
+        compile=settings.compile.enabled,
+        compile_dynamic=settings.compile.enabled and settings.compile.dynamic,
+        sp=sp_info,
+        platform=settings.platform.as_dict(),
+        warnings=tuple(warnings),
+    )
+    return transformer, build
+
+
+def installed_attention(transformer) -> dict[str, str]:
+    """How each block group's attention runs, read from the processors actually installed (the same
+    vocabulary as `DiTBuild.attention`; "mixed" if a group's processors disagree)."""
+    from serve_app.sp.attention import ZImageUSPAttnProcessor
+
+    def kind(p) -> str:
+        if isinstance(p, ZImageUSPAttnProcessor):
+            return "usp"
+        if processor_parallel_config(p) is not None:
+            return "ulysses"
+        if isinstance(p, ZImageAttnProcessor) and p.fa3_module is not None:
+            return "fa3"
+        return processor_backend(p) or DEFAULT_ATTENTION_BACKEND
+
+    out = {}
+    for group in BLOCK_GROUPS:
+        kinds = {kind(p) for p in processors(getattr(transformer, group))}
+        out[group] = kinds.pop() if len(kinds) == 1 else "mixed"
+    return out
