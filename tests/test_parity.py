@@ -22,11 +22,11 @@ def _cfg(tiny_dir, **te) -> AppConfig:
     return AppConfig(model=ModelConfig(source="tiny", tiny_dir=str(tiny_dir)), text_encoder=TextEncoderConfig(**te))
 
 
-def _reference(pipe, prompt, seed, **kw) -> np.ndarray:
+def _reference(pipe, prompt, seed, height=SIZE, width=SIZE, **kw) -> np.ndarray:
     out = pipe(
         prompt=[prompt],  # a fresh list: ZImagePipeline rewrites the caller's list in place
-        height=SIZE,
-        width=SIZE,
+        height=height,
+        width=width,
         num_inference_steps=STEPS,
         guidance_scale=kw.pop("guidance_scale", 0.0),
         generator=torch.Generator("cpu").manual_seed(seed),
@@ -50,6 +50,17 @@ def test_padded_like_diffusers_gives_identical_image(padded, diffusers_pipe):
     ref = _reference(diffusers_pipe, PROMPTS[1], seed=11)
     [ours] = padded.generate([PROMPTS[1]], [11], height=SIZE, width=SIZE, steps=STEPS)
     assert ours.pixels.shape == (SIZE, SIZE, 3) and ours.pixels.dtype == torch.uint8
+    assert np.array_equal(ours.pixels.numpy(), ref)
+
+
+@pytest.mark.parametrize("height, width", [(64, 128), (128, 64)])
+def test_non_square_image_matches_diffusers(padded, diffusers_pipe, height, width):
+    """Every other pipeline-level test is square, so height and width swapped anywhere between
+    generate() and the VAE would go unseen."""
+    ref = _reference(diffusers_pipe, PROMPTS[1], seed=11, height=height, width=width)
+    assert ref.shape == (height, width, 3)
+    [ours] = padded.generate([PROMPTS[1]], [11], height=height, width=width, steps=STEPS)
+    assert ours.pixels.shape == (height, width, 3) and ours.pixels.dtype == torch.uint8
     assert np.array_equal(ours.pixels.numpy(), ref)
 
 
