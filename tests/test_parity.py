@@ -81,6 +81,27 @@ def test_embeddings_match_diffusers(tiny_dir, diffusers_pipe):
                     torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("pad", [True, False])
+def test_a_prompt_longer_than_max_sequence_length_is_truncated_as_diffusers_does(tiny_dir, diffusers_pipe, pad):
+    """diffusers tokenizes the templated prompt with truncation at max_sequence_length (the tokenizer's
+    right side: the end of the template goes too); our encoder must keep the same tokens."""
+    max_len = 32
+    long_prompt = ", ".join([PROMPTS[1]] * 4)  # ~360 characters
+    prompts = [long_prompt, PROMPTS[0]]  # a long and a short one in one batch
+    te = TextEncoderEngine(
+        ModelConfig(source="tiny", tiny_dir=str(tiny_dir)),
+        # pad_to_multiple_of must divide max_sequence_length (the tokenizer refuses otherwise)
+        TextEncoderConfig(max_sequence_length=max_len, pad_to_multiple_of=16, pad_to_max_length=pad),
+    )
+    assert te.count_tokens(long_prompt) > 2 * max_len  # really over the limit
+    ref = diffusers_pipe.encode_prompt(list(prompts), device="cpu", do_classifier_free_guidance=False, max_sequence_length=max_len)[0]
+    assert ref[0].shape[0] == max_len
+    ours = te.encode(list(prompts))
+    for r, o in zip(ref, ours):
+        assert o.shape == r.shape
+        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)  # test_embeddings_match_diffusers' bound
+
+
 def test_unpadded_image_within_one_level(unpadded, diffusers_pipe):
     ref = _reference(diffusers_pipe, PROMPTS[0], seed=5)
     [ours] = unpadded.generate([PROMPTS[0]], [5], height=SIZE, width=SIZE, steps=STEPS)
