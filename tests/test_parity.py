@@ -153,6 +153,28 @@ def test_mixed_shapes_split_into_groups(unpadded):
     torch.testing.assert_close(out[1], alone, rtol=0, atol=1e-5)
 
 
+def test_different_step_counts_in_one_call_each_run_their_own_steps(unpadded):
+    """Same size, same prompt, 2 and 3 steps in one call: each request gets the latents it gets alone,
+    and the forwards are one group's 2 plus the other's 3 (the two 2-step requests share theirs)."""
+    emb = unpadded.text_encoder.encode(["a cat"])[0]
+    reqs = [
+        DenoiseRequest(embeds=emb, height=64, width=64, steps=2, seed=1),
+        DenoiseRequest(embeds=emb, height=64, width=64, steps=3, seed=2),
+        DenoiseRequest(embeds=emb, height=64, width=64, steps=2, seed=3),
+    ]
+    stats = unpadded.denoiser.stats
+    before = stats.snapshot()
+    out = unpadded.denoiser.denoise(reqs)
+    after = stats.snapshot()
+    assert after["forwards"] - before["forwards"] == 2 + 3
+    assert after["batches"] - before["batches"] == 2
+    sizes = {k: after["forward_batch_sizes"].get(k, 0) - before["forward_batch_sizes"].get(k, 0) for k in ("1", "2")}
+    assert sizes == {"1": 3, "2": 2}  # the 3-step request alone, the two 2-step ones together
+    for req, got in zip(reqs, out):
+        [alone] = unpadded.denoiser.denoise([req])
+        torch.testing.assert_close(got, alone, rtol=0, atol=1e-5)  # test_mixed_shapes_split_into_groups' bound
+
+
 def test_seeds_are_deterministic_and_distinct(unpadded):
     a = unpadded.generate(["a cat"], [42], height=64, width=64, steps=2)[0].pixels
     b = unpadded.generate(["a cat"], [42], height=64, width=64, steps=2)[0].pixels
