@@ -176,3 +176,13 @@ def _batches_by_cost(costs, max_batch_cost) -> list[list]:
 def test_a_cost_bound_splits_batches_and_keeps_fifo_order():
     # 4+4 fits a cost of 10, +4 does not: held for the next batch, ahead of everything queued later; 12 alone
     assert _batches_by_cost((4, 4, 4, 1, 1, 12, 3), 10) == [[4, 4], [4, 1, 1], [12], [3]]
+
+
+@pytest.mark.parametrize("costs, expected", [
+    ((4, 6), [[4, 6]]),  # exactly the bound: one batch
+    ((4, 7), [[4], [7]]),  # the bound + 1: two
+    ((3, 3, 4, 1), [[3, 3, 4], [1]]),  # the bound reached by three, the fourth waits
+], ids=["at-bound", "bound+1", "three-at-bound"])
+def test_a_batch_may_cost_exactly_the_bound(costs, expected):
+    """`max_batch_cost` is the most a batch may cost (the DiT: `max_batch_pixels`), not one more than it."""
+    assert _batches_by_cost(costs, 10) == expected
