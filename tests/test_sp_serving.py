@@ -36,6 +36,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 PORT = 18470
 DASHBOARD_PORT = 18471  # the state API (list_actors / list_tasks) goes through the dashboard
+# asked of this module's cluster by address: found automatically, any other Ray on the host is ambiguous
+STATE_API = f"http://127.0.0.1:{DASHBOARD_PORT}"
 BASE = f"http://127.0.0.1:{PORT}"
 SIZE, STEPS = 64, 2
 # different prompt lengths (tokens 3 .. ~40): a masked DiT batch when they arrive together
@@ -229,7 +231,7 @@ def _denoiser_group(app: str) -> dict:
 def _rank_workers() -> list:
     from ray.util.state import list_actors
 
-    return list_actors(filters=[("class_name", "=", "SPRankWorker"), ("state", "=", "ALIVE")], detail=True)
+    return list_actors(STATE_API, filters=[("class_name", "=", "SPRankWorker"), ("state", "=", "ALIVE")], detail=True)
 
 
 def _assert_group(app: str, n: int, rank_gpus: float) -> dict:
@@ -330,7 +332,7 @@ def test_sp2_killed_rank_fails_the_request_in_flight_and_serve_replaces_the_grou
 
     # A long denoise (512x512, 600 steps: tens of seconds here); kill a rank once both ranks run it.
     def denoise_tasks(*filters):
-        return list_tasks(filters=[("func_or_class_name", "=", "SPRankWorker.denoise"), *filters], limit=10_000)
+        return list_tasks(STATE_API, filters=[("func_or_class_name", "=", "SPRankWorker.denoise"), *filters], limit=10_000)
 
     earlier = {t.task_id for t in denoise_tasks()}
     long_body = {"prompt": "a long one", "seed": 5, "size": "512x512", "num_inference_steps": 600}
