@@ -22,11 +22,11 @@ def _cfg(tiny_dir, **te) -> AppConfig:
     return AppConfig(model=ModelConfig(source="tiny", tiny_dir=str(tiny_dir)), text_encoder=TextEncoderConfig(**te))
 
 
-def _reference(pipe, prompt, seed, **kw) -> np.ndarray:
+def _reference(pipe, prompt, seed, height=SIZE, width=SIZE, **kw) -> np.ndarray:
     out = pipe(
         prompt=[prompt],  # a fresh list: ZImagePipeline rewrites the caller's list in place
-        height=SIZE,
-        width=SIZE,
+        height=height,
+        width=width,
         num_inference_steps=STEPS,
         guidance_scale=kw.pop("guidance_scale", 0.0),
         generator=torch.Generator("cpu").manual_seed(seed),
@@ -53,6 +53,17 @@ def test_padded_like_diffusers_gives_identical_image(padded, diffusers_pipe):
     assert np.array_equal(ours.pixels.numpy(), ref)
 
 
+@pytest.mark.parametrize("height, width", [(64, 128), (128, 64)])
+def test_non_square_image_matches_diffusers(padded, diffusers_pipe, height, width):
+    """Every other pipeline-level test is square, so height and width swapped anywhere between
+    generate() and the VAE would go unseen."""
+    ref = _reference(diffusers_pipe, PROMPTS[1], seed=11, height=height, width=width)
+    assert ref.shape == (height, width, 3)
+    [ours] = padded.generate([PROMPTS[1]], [11], height=height, width=width, steps=STEPS)
+    assert ours.pixels.shape == (height, width, 3) and ours.pixels.dtype == torch.uint8
+    assert np.array_equal(ours.pixels.numpy(), ref)
+
+
 def test_embeddings_match_diffusers(tiny_dir, diffusers_pipe):
     ref = diffusers_pipe.encode_prompt(list(PROMPTS), device="cpu", do_classifier_free_guidance=False)[0]
     for pad in (True, False):
@@ -68,6 +79,27 @@ def test_embeddings_match_diffusers(tiny_dir, diffusers_pipe):
                     # padded to the batch's longest prompt instead of 512: only the attention
                     # reduction lengths differ, so fp32 rounding (~1e-7 relative) is all that moves
                     torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pad", [True, False])
+def test_a_prompt_longer_than_max_sequence_length_is_truncated_as_diffusers_does(tiny_dir, diffusers_pipe, pad):
+    """diffusers tokenizes the templated prompt with truncation at max_sequence_length (the tokenizer's
+    right side: the end of the template goes too); our encoder must keep the same tokens."""
+    max_len = 32
+    long_prompt = ", ".join([PROMPTS[1]] * 4)  # ~360 characters
+    prompts = [long_prompt, PROMPTS[0]]  # a long and a short one in one batch
+    te = TextEncoderEngine(
+        ModelConfig(source="tiny", tiny_dir=str(tiny_dir)),
+        # pad_to_multiple_of must divide max_sequence_length (the tokenizer refuses otherwise)
+        TextEncoderConfig(max_sequence_length=max_len, pad_to_multiple_of=16, pad_to_max_length=pad),
+    )
+    assert te.count_tokens(long_prompt) > 2 * max_len  # really over the limit
+    ref = diffusers_pipe.encode_prompt(list(prompts), device="cpu", do_classifier_free_guidance=False, max_sequence_length=max_len)[0]
+    assert ref[0].shape[0] == max_len
+    ours = te.encode(list(prompts))
+    for r, o in zip(ref, ours):
+        assert o.shape == r.shape
+        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)  # test_embeddings_match_diffusers' bound
 
 
 def test_unpadded_image_within_one_level(unpadded, diffusers_pipe):
@@ -119,6 +151,27 @@ def test_mixed_shapes_split_into_groups(unpadded):
     assert unpadded.denoiser.stats()["forwards"] - before == 4  # two shape groups x two steps
     [alone] = unpadded.denoiser.denoise([reqs[1]])
     torch.testing.assert_close(out[1], alone, rtol=0, atol=1e-5)
+
+
+def test_different_step_counts_in_one_call_each_run_their_own_steps(unpadded):
+    """Same size, same prompt, 2 and 3 steps in one call: each request gets the latents it gets alone,
+    and the forwards are one group's 2 plus the other's 3 (the two 2-step requests share theirs)."""
+    emb = unpadded.text_encoder.encode(["a cat"])[0]
+    reqs = [
+        DenoiseRequest(embeds=emb, height=64, width=64, steps=2, seed=1),
+        DenoiseRequest(embeds=emb, height=64, width=64, steps=3, seed=2),
+        DenoiseRequest(embeds=emb, height=64, width=64, steps=2, seed=3),
+    ]
+    before = unpadded.denoiser.stats()
+    out = unpadded.denoiser.denoise(reqs)
+    after = unpadded.denoiser.stats()
+    assert after["forwards"] - before["forwards"] == 2 + 3
+    assert after["batches"] - before["batches"] == 2
+    sizes = {k: after["forward_batch_sizes"].get(k, 0) - before["forward_batch_sizes"].get(k, 0) for k in ("1", "2")}
+    assert sizes == {"1": 3, "2": 2}  # the 3-step request alone, the two 2-step ones together
+    for req, got in zip(reqs, out):
+        [alone] = unpadded.denoiser.denoise([req])
+        torch.testing.assert_close(got, alone, rtol=0, atol=1e-5)  # test_mixed_shapes_split_into_groups' bound
 
 
 def test_seeds_are_deterministic_and_distinct(unpadded):

@@ -36,8 +36,12 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 PORT = 18470
 DASHBOARD_PORT = 18471  # the state API (list_actors / list_tasks) goes through the dashboard
+# asked of this module's cluster by address: found automatically, any other Ray on the host is ambiguous
+STATE_API = f"http://127.0.0.1:{DASHBOARD_PORT}"
 BASE = f"http://127.0.0.1:{PORT}"
 SIZE, STEPS = 64, 2
+# the SP process group's timeout: a request failing within it after a rank's death is failing fast
+COLLECTIVE_TIMEOUT_S = 60
 # different prompt lengths (tokens 3 .. ~40): a masked DiT batch when they arrive together
 CASES = [
     ("a red fox", 11),
@@ -73,7 +77,7 @@ def sp_args(tiny_dir, variant: str) -> dict:
         "model": {"source": "tiny", "device": "cpu", "tiny_dir": str(tiny_dir)},
         # a long collective timeout, so that a request that fails within seconds of a rank's death is
         # failing fast, not waiting for the process group's timeout
-        "denoiser": {**u_r, "collective_timeout_s": 60, "max_steps": 1000},
+        "denoiser": {**u_r, "collective_timeout_s": COLLECTIVE_TIMEOUT_S, "max_steps": 1000},
         "server": {"max_size": 512, "default_size": "64x64", "max_inflight_images": 16, "request_timeout_s": 120},
         "text_encoder_deployment": {"num_cpus": 0.1, "max_batch_size": 8, "batch_wait_timeout_s": 0.05},
         "denoiser_deployment": {
@@ -229,7 +233,7 @@ def _denoiser_group(app: str) -> dict:
 def _rank_workers() -> list:
     from ray.util.state import list_actors
 
-    return list_actors(filters=[("class_name", "=", "SPRankWorker"), ("state", "=", "ALIVE")], detail=True)
+    return list_actors(STATE_API, filters=[("class_name", "=", "SPRankWorker"), ("state", "=", "ALIVE")], detail=True)
 
 
 def _assert_group(app: str, n: int, rank_gpus: float) -> dict:
@@ -261,11 +265,14 @@ def test_sp_config_gpu_fractions_reserve_on_their_host_in_any_order(cluster, app
     def tiny_cpu(bundle: dict) -> dict:  # only the GPUs are under test; the test cluster has 8 CPUs
         return {k: (0.01 if k == "CPU" else v) for k, v in bundle.items()}
 
-    def wait_all_gpus_free():
+    def wait_gpus_available(n):  # Ray's view of the reservations catches up with them
         deadline = time.time() + 30
-        while cluster.available_resources().get("GPU", 0) < 4:
+        while cluster.available_resources().get("GPU", 0) != n:
             assert time.time() < deadline, cluster.available_resources()
             time.sleep(0.2)
+
+    def wait_all_gpus_free():
+        wait_gpus_available(4)
 
     for rel, host_gpus in SP_CONFIGS:
         cfg = AppConfig.model_validate(_config_args(rel))
@@ -293,9 +300,11 @@ def test_sp_config_gpu_fractions_reserve_on_their_host_in_any_order(cluster, app
     assert held.wait(30)
     whole = placement_group([{"CPU": 0.01}] + [{"CPU": 0.01, "GPU": 1}] * 2, strategy="STRICT_PACK")
     assert whole.wait(30)
+    wait_gpus_available(0)  # not even a fraction of a GPU is left for the text encoder
     te = placement_group([{"CPU": 0.01, "GPU": 0.1}])
-    assert not te.wait(2)
-    for p in (te, whole, held):
+    remove_placement_group(whole)
+    assert te.wait(30)  # and the ranks' whole GPUs were what it lacked
+    for p in (te, held):
         remove_placement_group(p)
 
 
@@ -330,7 +339,7 @@ def test_sp2_killed_rank_fails_the_request_in_flight_and_serve_replaces_the_grou
 
     # A long denoise (512x512, 600 steps: tens of seconds here); kill a rank once both ranks run it.
     def denoise_tasks(*filters):
-        return list_tasks(filters=[("func_or_class_name", "=", "SPRankWorker.denoise"), *filters], limit=10_000)
+        return list_tasks(STATE_API, filters=[("func_or_class_name", "=", "SPRankWorker.denoise"), *filters], limit=10_000)
 
     earlier = {t.task_id for t in denoise_tasks()}
     long_body = {"prompt": "a long one", "seed": 5, "size": "512x512", "num_inference_steps": 600}
@@ -346,13 +355,15 @@ def test_sp2_killed_rank_fails_the_request_in_flight_and_serve_replaces_the_grou
         victim = _rank_workers()[-1]
         os.kill(victim.pid, signal.SIGKILL)  # a pid of our own cluster's rank actor, from Ray's state API
         t_kill = time.monotonic()
-        r = fut.result(timeout=60)
-        failed_after = time.monotonic() - t_kill
+        # A fast failure: the answer comes within the collective timeout (a request that waited for the
+        # survivor's collective to time out would not), and it is the dead rank's error (503 worker_died,
+        # from its RayActorError), not the survivor's timed-out collective (a task error: 500) nor a
+        # finished denoise (200).
+        r = fut.result(timeout=COLLECTIVE_TIMEOUT_S)
+        failed_after = time.monotonic() - t_kill  # reported below, not asserted on
     assert r.status_code == 503, r.text
     err = r.json()["error"]
     assert err["code"] == "worker_died" and err["type"] == "server_error" and "retry" in err["message"], err
-    # well before the denoise would have finished and before the 60 s collective timeout: a fast failure
-    assert failed_after < 15, failed_after
 
     # Serve's health check (every 1 s: SPGroup.check_health pings every rank) fails, the replica is
     # replaced, and with it its placement group and the whole SP group.
