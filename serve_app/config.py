@@ -142,7 +142,6 @@ class DeploymentOptions(_Strict):
 class ServerConfig(_Strict):
     """Limits and defaults of the HTTP API."""
 
-    route_prefix: str = "/"
     request_timeout_s: float = Field(300.0, gt=0)
     max_prompt_chars: int = Field(4000, ge=1)
     max_n: int = Field(8, ge=1)
