@@ -17,5 +17,9 @@ def test_defaults_are_turbo():
 
 
 def test_scaling_modes_exclusive():
-    with pytest.raises(ValidationError, match="num_replicas or autoscaling"):
-        AppConfig.model_validate({"denoiser_deployment": {"num_replicas": 1, "autoscaling": {"max_replicas": 2}}})
+    # Serve's own schema refuses both; neither gets our num_replicas 1
+    with pytest.raises(ValidationError, match="denoiser_deployment: Manually setting num_replicas is not allowed when autoscaling_config"):
+        AppConfig.model_validate({"denoiser_deployment": {"num_replicas": 1, "autoscaling_config": {"max_replicas": 2}}})
+    cfg = AppConfig.model_validate({"denoiser_deployment": {"autoscaling_config": {"max_replicas": 2}}})
+    assert "num_replicas" not in cfg.denoiser_deployment.serve_options()
+    assert cfg.vae_deployment.serve_options()["num_replicas"] == 1
