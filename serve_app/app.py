@@ -21,29 +21,13 @@ STAGE_ENV_VARS = {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}
 
 
 def deployment_options(opts: DeploymentOptions, name: str) -> dict[str, Any]:
-    """Map our typed per-stage options onto Ray Serve's `.options(...)`."""
-    actor: dict[str, Any] = {"num_cpus": opts.num_cpus, "num_gpus": opts.num_gpus}
-    if opts.accelerator_type:
-        actor["accelerator_type"] = opts.accelerator_type
-    if opts.memory:
-        actor["memory"] = opts.memory
-    runtime_env = dict(opts.runtime_env or {})
+    """The stage's Ray Serve options as given (AppConfig checked them against Serve's schema and put our
+    defaults under them), plus the deployment's name and the stage environment."""
+    out = opts.serve_options()
+    actor = out["ray_actor_options"] = out.get("ray_actor_options") or {}
+    runtime_env = actor["runtime_env"] = actor.get("runtime_env") or {}
     runtime_env["env_vars"] = {**STAGE_ENV_VARS, **(runtime_env.get("env_vars") or {})}
-    actor["runtime_env"] = runtime_env
-    out: dict[str, Any] = {
-        "name": name,
-        "max_ongoing_requests": opts.max_ongoing_requests,
-        "max_queued_requests": opts.max_queued_requests,
-        "ray_actor_options": actor,
-    }
-    if opts.autoscaling is not None:
-        out["autoscaling_config"] = opts.autoscaling.model_dump(exclude_none=True)
-    else:
-        out["num_replicas"] = opts.num_replicas or 1
-    for key in ("health_check_period_s", "health_check_timeout_s"):
-        if getattr(opts, key) is not None:
-            out[key] = getattr(opts, key)
-    return out
+    return {"name": name, **out}
 
 
 def denoiser_options(cfg: AppConfig) -> dict[str, Any]:
@@ -51,13 +35,15 @@ def denoiser_options(cfg: AppConfig) -> dict[str, Any]:
     n = cfg.denoiser.sp_degree
     if n > 1:
         # The replica (bundle 0, CPU only) drives one rank worker per GPU bundle; STRICT_PACK keeps a
-        # group on one node, so its collectives never cross the network.
-        gpus = cfg.denoiser_deployment.num_gpus or 1.0
+        # group on one node, so its collectives never cross the network. The stage's num_gpus and
+        # accelerator_type are each rank's, not the replica's.
+        actor = out["ray_actor_options"]
+        gpus = actor.pop("num_gpus", None) or 1.0
         rank_bundle: dict[str, float] = {"CPU": 1.0, "GPU": gpus}
-        if cfg.denoiser_deployment.accelerator_type:
-            rank_bundle[f"accelerator_type:{cfg.denoiser_deployment.accelerator_type}"] = 0.001
-        out["ray_actor_options"] = {k: v for k, v in out["ray_actor_options"].items() if k not in ("num_gpus", "accelerator_type")}
-        out["ray_actor_options"]["num_cpus"] = min(out["ray_actor_options"]["num_cpus"], 1.0)
+        accelerator = actor.pop("accelerator_type", None)
+        if accelerator:
+            rank_bundle[f"accelerator_type:{accelerator}"] = 0.001
+        actor["num_cpus"] = min(actor.get("num_cpus", 1.0), 1.0)
         out["placement_group_bundles"] = [{"CPU": 1.0}] + [dict(rank_bundle) for _ in range(n)]
         out["placement_group_strategy"] = "STRICT_PACK"
     return out

@@ -2,14 +2,19 @@
 
 Every YAML under `configs/` maps one to one onto `AppConfig` (its `applications[].args`), and every
 engine and deployment takes the piece of it that concerns it. Unknown keys are errors, so a typo in a
-config file fails at start with the key named.
+config file fails at start with the key named: ours by pydantic, Ray Serve's deployment options (the
+`*_deployment` blocks) by `check_serve_options` against Serve's own schema.
 """
 
 from __future__ import annotations
 
+import copy
+import difflib
+import inspect
+import typing
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 HUB_MODEL_ID = "Tongyi-MAI/Z-Image-Turbo"
 
@@ -94,45 +99,113 @@ class VaeConfig(_Strict):
     compile: bool = False  # torch.compile of the decoder, one graph per shape (warm each served size)
 
 
-class AutoscalingOptions(_Strict):
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(1, ge=1)
-    initial_replicas: int | None = None
-    target_ongoing_requests: float = Field(2.0, gt=0)
-    metrics_interval_s: float | None = None
-    look_back_period_s: float | None = None
-    upscale_delay_s: float | None = None
-    downscale_delay_s: float | None = None
+# Our defaults under the user's Serve options, per stage. Serve's own are 5 ongoing requests per replica
+# (about one DiT batch) and a queue without bound; a stage with neither num_replicas nor
+# autoscaling_config gets num_replicas 1.
+SERVE_DEFAULTS = {
+    "text_encoder_deployment": {"max_ongoing_requests": 16, "max_queued_requests": 64},
+    "denoiser_deployment": {"max_ongoing_requests": 16, "max_queued_requests": 64},
+    "vae_deployment": {"max_ongoing_requests": 16, "max_queued_requests": 64},
+    "ingress_deployment": {"max_ongoing_requests": 256, "max_queued_requests": 512},
+}
+# Set by serve_app/app.py, so refused in a config: the deployment's name always, the placement group of
+# a sequence-parallel denoiser (a CPU bundle for the replica + one bundle per rank, STRICT_PACK).
+APP_SET_KEYS = ("name",)
+SP_APP_SET_KEYS = ("placement_group_bundles", "placement_group_strategy")
 
 
-class DeploymentOptions(_Strict):
-    """What Ray Serve needs to place, scale and batch one stage."""
+class DeploymentOptions(BaseModel):
+    """One stage's deployment: our batching fields, and Ray Serve's own deployment options.
 
-    num_replicas: int | None = None  # fixed count; leave None to autoscale
-    autoscaling: AutoscalingOptions | None = None
-    max_ongoing_requests: int = Field(16, ge=1)
-    max_queued_requests: int = Field(64, ge=-1)  # -1: unbounded (not recommended)
+    Every key besides `max_batch_size` / `batch_wait_timeout_s` is a keyword of Serve's
+    `Deployment.options()` spelled as Serve spells it (`num_replicas`, `autoscaling_config`,
+    `max_ongoing_requests`, `max_queued_requests`, `ray_actor_options: {num_cpus, num_gpus,
+    accelerator_type, memory, runtime_env, resources}`, `health_check_period_s`, ...), kept as given and
+    passed through. `AppConfig` checks them against Serve's schema (`check_serve_options`) and puts
+    `SERVE_DEFAULTS` under them.
+    """
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
     max_batch_size: int = Field(4, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0)
-    num_cpus: float = Field(1.0, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
-    accelerator_type: str | None = None
-    memory: int | None = None
-    runtime_env: dict[str, Any] | None = None
-    health_check_period_s: float | None = None
-    health_check_timeout_s: float | None = None
 
-    @model_validator(mode="after")
-    def _one_scaling_mode(self) -> "DeploymentOptions":
-        if self.num_replicas is not None and self.autoscaling is not None:
-            raise ValueError("set either num_replicas or autoscaling, not both")
-        return self
+    def serve_options(self) -> dict[str, Any]:
+        """Ray Serve's options of this stage (a copy: callers may add to it)."""
+        return copy.deepcopy(self.model_extra or {})
+
+    def actor_options(self) -> dict[str, Any]:
+        """Its `ray_actor_options` (a copy): num_cpus, num_gpus, accelerator_type, ..."""
+        return self.serve_options().get("ray_actor_options") or {}
+
+
+def _model_in(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
+    """The pydantic model a Serve field holds (itself or in a Union; not in a list), and whether a plain
+    dict is accepted there too (Serve's schema then passes the dict through unchecked)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, False
+    if typing.get_origin(annotation) is list:
+        return None, False
+    args = typing.get_args(annotation)
+    model = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return model, model is not None and any(a is dict or typing.get_origin(a) is dict for a in args)
+
+
+def _unknown_keys(given: dict, model: type[BaseModel], path: str, what: str) -> list[str]:
+    """Serve's schema ignores keys it does not know: name each one, at every level that is a Serve
+    model (ray_actor_options, autoscaling_config, logging_config, ...)."""
+    fields = {**{f.alias: f for f in model.model_fields.values() if f.alias}, **model.model_fields}
+    out = []
+    for key, value in given.items():
+        where = f"{path}.{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            out.append(f"{where}: not {what}" + (f" (did you mean {close[0]}?)" if close else ""))
+            continue
+        nested, _ = _model_in(fields[key].annotation)
+        if nested is not None and isinstance(value, dict) and nested.model_config.get("extra") != "allow":
+            out += _unknown_keys(value, nested, where, f"a key of Ray Serve's {nested.__name__}")
+    return out
+
+
+def _named(e: ValidationError, path: str) -> list[str]:
+    return [f"{'.'.join([path, *map(str, err['loc'])])}: {err['msg'].removeprefix('Value error, ')}" for err in e.errors()]
+
+
+def check_serve_options(options: dict[str, Any], path: str, refused: tuple[str, ...] = ()) -> list[str]:
+    """What is wrong with one stage's Serve options, each problem named `path.key: ...`: keys our app
+    sets itself (`refused`), keys that are not Serve deployment options or that `Deployment.options()`
+    does not take, and values that Serve's public schema (`ray.serve.schema.DeploymentSchema`) refuses."""
+    from ray.serve.deployment import Deployment
+    from ray.serve.schema import DeploymentSchema
+
+    takes = set(inspect.signature(Deployment.options).parameters)
+    problems = [f"{path}.{key}: set by serve_app/app.py, not by the config" for key in options if key in refused]
+    rest = {k: v for k, v in options.items() if k not in refused}
+    problems += [f"{path}.{key}: a Ray Serve deployment option that Deployment.options() does not take"
+                 for key in rest if key in DeploymentSchema.model_fields and key not in takes]
+    problems += _unknown_keys(rest, DeploymentSchema, path, "a Ray Serve deployment option")
+    if problems:
+        return problems
+    try:
+        DeploymentSchema.model_validate({"name": path, **copy.deepcopy(rest)})  # its validators write into the dict
+    except ValidationError as e:
+        return _named(e, path)
+    # A field that takes a dict or a Serve model (autoscaling_config, ...) lets the dict through: check it
+    # against that model, as Deployment.options() will.
+    for key, value in rest.items():
+        nested, takes_dict = _model_in(DeploymentSchema.model_fields[key].annotation)
+        if takes_dict and isinstance(value, dict):
+            try:
+                nested.model_validate(copy.deepcopy(value))
+            except ValidationError as e:
+                problems += _named(e, f"{path}.{key}")
+    return problems
 
 
 class ServerConfig(_Strict):
     """Limits and defaults of the HTTP API."""
 
-    route_prefix: str = "/"
     request_timeout_s: float = Field(300.0, gt=0)
     max_prompt_chars: int = Field(4000, ge=1)
     max_n: int = Field(8, ge=1)
@@ -163,9 +236,26 @@ class AppConfig(_Strict):
     denoiser: DenoiserConfig = Field(default_factory=DenoiserConfig)
     vae: VaeConfig = Field(default_factory=VaeConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    # One block per stage: our batching fields and Ray Serve's deployment options (DeploymentOptions).
     text_encoder_deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
     denoiser_deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
     vae_deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
-    ingress_deployment: DeploymentOptions = Field(
-        default_factory=lambda: DeploymentOptions(max_ongoing_requests=256, max_queued_requests=512)
-    )
+    ingress_deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+
+    @model_validator(mode="after")
+    def _serve_options(self) -> "AppConfig":
+        """Check every stage's Serve options against Serve's schema (all problems at once, each named),
+        then put our defaults under them."""
+        problems = []
+        for stage, defaults in SERVE_DEFAULTS.items():
+            refused = APP_SET_KEYS + (SP_APP_SET_KEYS if stage == "denoiser_deployment" and self.denoiser.sp_degree > 1 else ())
+            opts: DeploymentOptions = getattr(self, stage)
+            given = opts.model_extra or {}
+            problems += check_serve_options(given, stage, refused)
+            merged = {**defaults, **given}
+            if "num_replicas" not in merged and "autoscaling_config" not in merged:
+                merged["num_replicas"] = 1
+            opts.__pydantic_extra__ = merged
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self

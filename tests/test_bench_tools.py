@@ -132,10 +132,10 @@ def _tiny_args(tiny_dir) -> dict:
     return {
         "model": {"source": "tiny", "device": "cpu", "tiny_dir": str(tiny_dir)},
         "server": {"max_size": 512, "default_size": "64x64", "request_timeout_s": 120},
-        "text_encoder_deployment": {"num_cpus": 0.1, "max_batch_size": 8, "batch_wait_timeout_s": 0.05},
-        "denoiser_deployment": {"num_cpus": 0.1, "max_batch_size": 4, "batch_wait_timeout_s": 0.2, "max_ongoing_requests": 8},
-        "vae_deployment": {"num_cpus": 0.1, "max_batch_size": 4},
-        "ingress_deployment": {"num_cpus": 0.1},
+        "text_encoder_deployment": {"ray_actor_options": {"num_cpus": 0.1}, "max_batch_size": 8, "batch_wait_timeout_s": 0.05},
+        "denoiser_deployment": {"ray_actor_options": {"num_cpus": 0.1}, "max_batch_size": 4, "batch_wait_timeout_s": 0.2, "max_ongoing_requests": 8},
+        "vae_deployment": {"ray_actor_options": {"num_cpus": 0.1}, "max_batch_size": 4},
+        "ingress_deployment": {"ray_actor_options": {"num_cpus": 0.1}},
     }
 
 

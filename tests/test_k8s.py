@@ -247,10 +247,11 @@ def test_sp_denoiser_groups_have_a_whole_sp_group_per_pod(path):
     svc = _load_yaml_docs(path)[0]
     cfg = AppConfig.model_validate(yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]["args"])
     groups = svc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
-    acc = cfg.denoiser_deployment.accelerator_type
+    actor = cfg.denoiser_deployment.actor_options()
+    acc = actor.get("accelerator_type")
     candidates = [g for g in groups if acc is None or g["labels"]["ray.io/accelerator-type"] == acc]
     assert candidates, f"no worker group of accelerator {acc}"
-    per_rank = cfg.denoiser_deployment.num_gpus or 1.0
+    per_rank = actor.get("num_gpus") or 1.0
     for g in candidates:
         assert int(g["rayStartParams"]["num-gpus"]) >= cfg.denoiser.sp_degree * per_rank
     if path.parent.name == "mixed":

@@ -20,12 +20,12 @@ def tiny_args(tiny_dir, **overrides) -> dict:
     args = {
         "model": {"source": "tiny", "device": "cpu", "tiny_dir": str(tiny_dir)},
         "server": {"max_size": 512, "default_size": "64x64", "max_inflight_images": 8, "request_timeout_s": 60},
-        "text_encoder_deployment": {"num_cpus": 0.1, "max_batch_size": 8, "batch_wait_timeout_s": 0.05},
+        "text_encoder_deployment": {"ray_actor_options": {"num_cpus": 0.1}, "max_batch_size": 8, "batch_wait_timeout_s": 0.05},
         "denoiser_deployment": {
-            "num_cpus": 0.1, "max_batch_size": 4, "batch_wait_timeout_s": 0.3, "max_ongoing_requests": 4, "max_queued_requests": 32,
+            "ray_actor_options": {"num_cpus": 0.1}, "max_batch_size": 4, "batch_wait_timeout_s": 0.3, "max_ongoing_requests": 4, "max_queued_requests": 32,
         },
-        "vae_deployment": {"num_cpus": 0.1, "max_batch_size": 4},
-        "ingress_deployment": {"num_cpus": 0.1, "max_ongoing_requests": 64, "max_queued_requests": 64},
+        "vae_deployment": {"ray_actor_options": {"num_cpus": 0.1}, "max_batch_size": 4},
+        "ingress_deployment": {"ray_actor_options": {"num_cpus": 0.1}, "max_ongoing_requests": 64, "max_queued_requests": 64},
     }
     for key, value in overrides.items():
         args.setdefault(key, {}).update(value)
@@ -264,7 +264,7 @@ def test_denoiser_autoscales_up_and_down_without_losing_requests(serve_app, tiny
 
     autoscaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "metrics_interval_s": 0.5,
                    "look_back_period_s": 1.0, "upscale_delay_s": 0.5, "downscale_delay_s": 2.0}
-    args = tiny_args(tiny_dir, denoiser_deployment={"autoscaling": autoscaling, "max_batch_size": 1, "max_ongoing_requests": 2,
+    args = tiny_args(tiny_dir, denoiser_deployment={"autoscaling_config": autoscaling, "max_batch_size": 1, "max_ongoing_requests": 2,
                                                     "max_queued_requests": 64, "batch_wait_timeout_s": 0.0},
                      server={"max_inflight_images": 64})
     serve.run(build_app(args), name="scaling", route_prefix="/scaling")

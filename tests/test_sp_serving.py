@@ -59,7 +59,7 @@ MAX_LEVEL_DIFF = 1
 MAX_DIFF_FRACTION = 0.0025
 
 VARIANTS = {
-    # whole-GPU ranks (denoiser_deployment.num_gpus unset -> 1 per rank); the other stages on CPU
+    # whole-GPU ranks (denoiser_deployment.ray_actor_options.num_gpus unset -> 1 per rank); the other stages on CPU
     "sp4": {"ulysses_degree": 2, "ring_degree": 2},
     # the GPU fractions of configs/random-full-sp2.yaml: ranks 0.8 each, text encoder / VAE 0.1 each
     "sp2": {"ulysses_degree": 2, "ring_degree": 1},
@@ -79,13 +79,13 @@ def sp_args(tiny_dir, variant: str) -> dict:
         # failing fast, not waiting for the process group's timeout
         "denoiser": {**u_r, "collective_timeout_s": COLLECTIVE_TIMEOUT_S, "max_steps": 1000},
         "server": {"max_size": 512, "default_size": "64x64", "max_inflight_images": 16, "request_timeout_s": 120},
-        "text_encoder_deployment": {"num_cpus": 0.1, "max_batch_size": 8, "batch_wait_timeout_s": 0.05},
+        "text_encoder_deployment": {"ray_actor_options": {"num_cpus": 0.1}, "max_batch_size": 8, "batch_wait_timeout_s": 0.05},
         "denoiser_deployment": {
-            "num_cpus": 0.1, "max_batch_size": 4, "batch_wait_timeout_s": 0.3, "max_ongoing_requests": 8,
+            "ray_actor_options": {"num_cpus": 0.1}, "max_batch_size": 4, "batch_wait_timeout_s": 0.3, "max_ongoing_requests": 8,
             "max_queued_requests": 32, "health_check_period_s": 1, "health_check_timeout_s": 10,
         },
-        "vae_deployment": {"num_cpus": 0.1, "max_batch_size": 4},
-        "ingress_deployment": {"num_cpus": 0.1, "max_ongoing_requests": 64, "max_queued_requests": 64},
+        "vae_deployment": {"ray_actor_options": {"num_cpus": 0.1}, "max_batch_size": 4},
+        "ingress_deployment": {"ray_actor_options": {"num_cpus": 0.1}, "max_ongoing_requests": 64, "max_queued_requests": 64},
     }
     if variant == "sp4":
         # mixed caption lengths in one forward (a key mask through Ulysses x ring); sp2 keeps the default,
@@ -94,12 +94,12 @@ def sp_args(tiny_dir, variant: str) -> dict:
     if variant == "sp2":
         cfg = _config_args("configs/random-full-sp2.yaml")
         for stage in ("text_encoder_deployment", "denoiser_deployment", "vae_deployment"):
-            args[stage]["num_gpus"] = cfg[stage]["num_gpus"]
+            args[stage]["ray_actor_options"]["num_gpus"] = cfg[stage]["ray_actor_options"]["num_gpus"]
     return args
 
 
 def _rank_gpus(variant: str) -> float:
-    return _config_args("configs/random-full-sp2.yaml")["denoiser_deployment"]["num_gpus"] if variant == "sp2" else 1.0
+    return _config_args("configs/random-full-sp2.yaml")["denoiser_deployment"]["ray_actor_options"]["num_gpus"] if variant == "sp2" else 1.0
 
 
 # --- cluster, apps, reference ------------------------------------------------------------------------
