@@ -58,6 +58,13 @@ class TextEncoderConfig(_Strict):
     cuda_graph: bool = True
     cuda_graph_max_batch: int = Field(8, ge=1, le=64)
 
+    @model_validator(mode="after")
+    def _padding_fits_the_limit(self) -> "TextEncoderConfig":
+        # the tokenizer refuses a padded batch whose rounded-up length would pass max_length
+        if not self.pad_to_max_length and self.max_sequence_length % self.pad_to_multiple_of:
+            raise ValueError(f"max_sequence_length ({self.max_sequence_length}) must be a multiple of pad_to_multiple_of ({self.pad_to_multiple_of})")
+        return self
+
 
 class DenoiserConfig(_Strict):
     default_steps: int = Field(8, ge=1, le=100)

@@ -106,3 +106,9 @@ def test_config_round_trips():
     cfg = AppConfig.model_validate({"denoiser_deployment": {"autoscaling_config": {"max_replicas": 2}, "max_batch_size": 2}})
     again = AppConfig.model_validate(cfg.model_dump(mode="json"))
     assert again == cfg and again.denoiser_deployment.serve_options() == cfg.denoiser_deployment.serve_options()
+
+
+def test_text_encoder_padding_must_fit_its_limit():
+    with pytest.raises(ValidationError, match=r"max_sequence_length \(100\) must be a multiple of pad_to_multiple_of \(64\)"):
+        AppConfig.model_validate({"text_encoder": {"max_sequence_length": 100}})
+    AppConfig.model_validate({"text_encoder": {"max_sequence_length": 100, "pad_to_max_length": True}})

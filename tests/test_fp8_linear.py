@@ -37,3 +37,17 @@ def test_quantize_linears_replaces_only_the_chosen_ones():
     assert isinstance(model[0], torch.nn.Linear) and isinstance(model[2][0], Float8RowwiseLinear)
     out = model(x)
     assert (out - ref).norm() / ref.norm() < 0.08
+
+
+def test_quantizing_keeps_no_bf16_copy_of_the_replaced_weights():
+    """Each replaced linear's weight is freed as it is replaced (an FP8 model's peak must stay below
+    bf16's): nothing keeps the old modules alive."""
+    import gc
+    import weakref
+
+    model = torch.nn.Sequential(*[torch.nn.Linear(32, 32, dtype=torch.bfloat16) for _ in range(4)])
+    refs = [weakref.ref(m.weight) for m in model]
+    assert quantize_linears_fp8(model, torch.float8_e4m3fn, lambda m, fqn: True) == 4
+    gc.collect()
+    assert all(r() is None for r in refs)
+    assert all(isinstance(m, Float8RowwiseLinear) for m in model)

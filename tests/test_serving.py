@@ -229,6 +229,8 @@ def test_stats_report_each_stage_platform_and_the_engine_choice(serve_app):
         assert stats[stage]["platform"]["vendor"] == "cpu", stats[stage]
         startup = stats[stage]["startup_s"]  # where the replica's start went
         assert set(startup) == {"build", "warmup"} and startup["build"] > 0 and startup["warmup"] > 0, startup
+        # nothing compiles on CPU, and nothing compiled on the request path
+        assert stats[stage]["compile"]["compiles_while_serving"] == 0 == stats[stage]["compile"]["recompile_limit_hits"]
     engine = stats["denoiser"]["engine"]  # what the DiT builder applied
     assert engine["attention"] == {"noise_refiner": "native", "context_refiner": "native", "layers": "native"}
     assert (engine["fp8_dtype"], engine["compile"], engine["sp"]) == (None, False, None)

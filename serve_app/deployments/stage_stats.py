@@ -11,6 +11,8 @@ from typing import Any, Callable
 
 import torch
 
+from serve_app.engines.compile_watch import compile_watch
+
 
 class StageStats:
     def __init__(self, device: torch.device):
@@ -24,16 +26,24 @@ class StageStats:
         self.busy_s = 0.0
         self.batch_sizes: collections.Counter = collections.Counter()
         self.startup_s: dict[str, float] = {}  # where the replica's start went: build (load + switches), warmup
+        self.startup_peak_memory_bytes: int | None = None
+        self.compile_watch = None
 
     @classmethod
     def start(cls, build: Callable[[], Any], warmup: Callable[[Any], Any]) -> tuple[Any, "StageStats"]:
         """Build a stage's engine, then warm it up; the stats know where the start went."""
+        watch = compile_watch()
         t0 = time.perf_counter()
         engine = build()
         t1 = time.perf_counter()
         stats = cls(engine.device)
         warmup(engine)
         stats.startup_s = {"build": t1 - t0, "warmup": time.perf_counter() - t1}
+        watch.serving()  # a compile from now on is on the request path: counted and logged
+        stats.compile_watch = watch
+        if engine.device.type == "cuda":  # what start-up needed, then the serving peak from here on
+            stats.startup_peak_memory_bytes = torch.cuda.max_memory_allocated(engine.device)
+            torch.cuda.reset_peak_memory_stats(engine.device)
         return engine, stats
 
     def timed(self, fn: Callable[[list], list], items: list) -> tuple[list, float]:
@@ -62,6 +72,10 @@ class StageStats:
                 "items": self.items,
                 "busy_s": round(self.busy_s, 4),
                 "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
-                "peak_memory_bytes": peak,
+                "peak_memory_bytes": peak,  # since the replica became ready
+                "startup_peak_memory_bytes": self.startup_peak_memory_bytes,
+                "memory_in_use_bytes": torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else None,
                 "startup_s": {k: round(v, 3) for k, v in self.startup_s.items()},
+                # torch.compile in this process; for an SP denoiser the ranks' (rank 0) replace it
+                "compile": self.compile_watch.snapshot() if self.compile_watch is not None else None,
             }

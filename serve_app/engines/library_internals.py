@@ -148,3 +148,11 @@ def attention_with_lse(q, k, v, bias, kernel: str):
     res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, bias, True, 0.0, False, False)
     lse = res[1]
     return res[0], (lse.squeeze(-1) if lse.ndim == 4 else lse)  # (B, H, S, 1) on torch >= 2.9
+
+
+def on_dynamo_compile(start, end) -> None:
+    """Call `start(compile_id)` / `end(compile_id)` around every Dynamo compile in this process."""
+    from torch._dynamo.callback import callback_handler
+
+    callback_handler.register_start_callback(lambda args: start(str(args.compile_id)))
+    callback_handler.register_end_callback(lambda args: end(str(args.compile_id)))

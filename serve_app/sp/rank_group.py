@@ -50,8 +50,11 @@ class SPRankWorker:
         return ray.util.get_node_ip_address(), port
 
     def setup(self, master_addr: str, master_port: int) -> dict:
+        from serve_app.engines.compile_watch import compile_watch
         from serve_app.engines.denoiser import DenoiserEngine
         from serve_app.sp.process_group import init_sp_process_group, sp_options, sp_rank_info
+
+        self.compile_watch = compile_watch()
 
         device = init_sp_process_group(
             self.rank, self.world_size, master_addr, master_port, timeout_s=self.cfg.denoiser.collective_timeout_s
@@ -67,6 +70,7 @@ class SPRankWorker:
 
     def warmup(self, sizes: list[tuple[int, int]], steps: int = 1, batch: int = 1) -> None:
         self.engine.warmup([tuple(s) for s in sizes], steps, batch)
+        self.compile_watch.serving()
 
     @ray.method(concurrency_group="health")
     def ping(self) -> int:
@@ -79,7 +83,7 @@ class SPRankWorker:
         return True
 
     def stats(self) -> dict:
-        return self.engine.stats()
+        return {**self.engine.stats(), "compile": self.compile_watch.snapshot()}
 
 
 class SPGroup:
