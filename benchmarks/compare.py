@@ -19,6 +19,7 @@ WebP q90) of a 1024² noise image and a smooth image.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import io
@@ -44,7 +45,11 @@ if str(HERE.parent) not in sys.path:
 
 import bench_serving  # noqa: E402
 
-PARTS = ("diffusers", "pipeline", "server")
+PARTS = ("diffusers", "pipeline", "server", "sizes")
+# The Z-Image-Turbo Space's size menu (WIDTHxHEIGHT): standard, XL, max
+SPACE_SIZES = ("1024x1024", "1344x768", "768x1344", "1152x896", "896x1152", "1536x640", "1216x832", "832x1216",
+               "1536x1536", "1920x1088", "1088x1920", "1536x1152", "1152x1536",
+               "2048x2048", "2048x1152", "1152x2048", "2048x1536", "1536x2048")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,8 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", default="configs/random-full-1gpu.yaml", help="a `serve run` YAML (or bare AppConfig YAML)")
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override an AppConfig field, value parsed as YAML (e.g. denoiser.compile=true); repeatable")
-    p.add_argument("--only", default=",".join(PARTS), help="comma-separated subset of " + ",".join(PARTS))
+    p.add_argument("--only", default="diffusers,pipeline,server", help="comma-separated subset of " + ",".join(PARTS))
     p.add_argument("--size", default="1024x1024", help="WIDTHxHEIGHT")
+    p.add_argument("--sizes", default=None, help="part `sizes`: comma-separated WIDTHxHEIGHT (default: the Space's 18)")
     p.add_argument("--steps", type=int, default=8, help="num_inference_steps = DiT forwards")
     p.add_argument("--runs", type=int, default=5, help="timed runs of diffusers and of the in-process pipeline")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs before those")
@@ -271,7 +277,9 @@ def run_pipeline(app_args: dict, a: argparse.Namespace, prompts: list[str]) -> d
             "acceleration": accel, "peak_memory_bytes": peak, "stage_median_s": stage_median, **_timing_summary(times)}
 
 
-def run_server(serve_cfg: dict, a: argparse.Namespace) -> dict:
+@contextlib.contextmanager
+def serving(serve_cfg: dict, a: argparse.Namespace):
+    """A running server (this process's Ray): yields its base URL and a dict with its start-up times."""
     import ray
     from ray import serve
 
@@ -297,25 +305,65 @@ def run_server(serve_cfg: dict, a: argparse.Namespace) -> dict:
         out["start_to_healthy_s"] = time.perf_counter() - t0  # deploy + model builds + the /health warm-up
         print(f"[server] healthy after {out['start_to_healthy_s']:.1f} s", file=sys.stderr, flush=True)
         try:  # each replica's own start: build (load, FP8, compile wrappers) and warm-up (where compiling happens)
-            import urllib.request
-
-            with urllib.request.urlopen(base + "/v1/stats", timeout=30) as resp:
-                stats = json.loads(resp.read())
+            stats = _stats(base)
             out["replica_startup_s"] = {k: v.get("startup_s") for k, v in stats.items() if isinstance(v, dict) and "startup_s" in v}
             print(f"[server] replica startup: {out['replica_startup_s']}", file=sys.stderr, flush=True)
         except Exception as e:
             out["replica_startup_s"] = {"error": repr(e)[:200]}
+        yield base, out
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+def _stats(base: str) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(base + "/v1/stats", timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def run_server(serve_cfg: dict, a: argparse.Namespace) -> dict:
+    with serving(serve_cfg, a) as (base, out):
         common = dict(base_url=base, size=a.size, steps=a.steps, output_format=a.output_format, prompt_file=a.prompt_file,
                       seed=a.seed, disable_tqdm=True, request_timeout=600.0)
         out["c1"] = bench_serving.run_benchmark(dict(common, num_prompts=a.c1_requests, max_concurrency=1, warmup_requests=a.warmup,
                                                      label="server c=1"))
         out["cN"] = bench_serving.run_benchmark(dict(common, num_prompts=a.cn_requests, max_concurrency=a.concurrency,
                                                      warmup_requests=a.cn_warmup, label=f"server c={a.concurrency}"))
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
+    return out
+
+
+def _stage_memory_and_compiles(stats: dict) -> dict:
+    keep = ("peak_memory_bytes", "startup_peak_memory_bytes", "memory_in_use_bytes", "compile")
+    return {stage: {k: stats[stage].get(k) for k in keep} for stage in ("text_encoder", "denoiser", "vae") if stage in stats}
+
+
+def run_sizes(serve_cfg: dict, a: argparse.Namespace) -> dict:
+    """The Space's size menu, in order, on one fresh server: each size's first request and a second one
+    (c=1, per-stage timings from the response), and each stage's compiles and memory after each size."""
+    import httpx
+
+    sizes = a.sizes.split(",") if a.sizes else list(SPACE_SIZES)
+    with serving(serve_cfg, a) as (base, out):
+        out["sizes"] = []
+        with httpx.Client(timeout=600.0) as client:
+            for size in sizes:
+                entry: dict[str, Any] = {"size": size}
+                for which in ("first", "second"):
+                    body = {"prompt": "a lighthouse on a cliff at dawn, detailed", "size": size, "seed": 1,
+                            "num_inference_steps": a.steps, "output_format": a.output_format}
+                    t = time.perf_counter()
+                    r = client.post(base + "/v1/images/generations", json=body)
+                    wall = time.perf_counter() - t
+                    entry[which] = {"status": r.status_code, "wall_s": wall,
+                                    "timings": r.json()["data"][0]["timings"] if r.status_code == 200 else r.text[:300]}
+                entry["after"] = _stage_memory_and_compiles(_stats(base))
+                first, second = entry["first"]["wall_s"], entry["second"]["wall_s"]
+                print(f"[sizes] {size}: first {first:.2f} s, second {second:.2f} s ({first / second:.2f}x)", file=sys.stderr, flush=True)
+                out["sizes"].append(entry)
     return out
 
 
@@ -454,6 +502,7 @@ def main(argv: list[str] | None = None) -> dict:
         "diffusers": lambda: run_diffusers(serve_cfg["args"], a, prompts),
         "pipeline": lambda: run_pipeline(serve_cfg["args"], a, prompts),
         "server": lambda: run_server(serve_cfg, a),
+        "sizes": lambda: run_sizes(serve_cfg, a),
     }
     for part in PARTS:
         if part not in a.only:

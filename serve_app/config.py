@@ -103,7 +103,10 @@ class DenoiserConfig(_Strict):
 class VaeConfig(_Strict):
     # decode tiled when the image has more pixels than this (bounds activation memory at 2K and up)
     tiling_min_pixels: int = Field(2048 * 2048, ge=0)
-    compile: bool = False  # torch.compile of the decoder, one graph per shape (warm each served size)
+    compile: bool = False  # torch.compile of the decoder
+    # True: height and width symbolic, one graph for every size (warmed at start with `start_sizes`);
+    # False: a graph per shape, compiled at each size's first request (benchmarks/README.md, "VAE")
+    compile_dynamic: bool = True
 
 
 # Our defaults under the user's Serve options, per stage. Serve's own are 5 ongoing requests per replica
@@ -227,6 +230,13 @@ class ServerConfig(_Strict):
     max_inflight_images: int = Field(256, ge=1)  # per ingress replica; past it requests get 429
     warmup: bool = True  # /health is 200 only after one generation went through every stage
 
+    @property
+    def smallest_side(self) -> int:
+        """The smallest square side the API accepts, at least 64 px: what `/health` warms up with."""
+        m = self.size_multiple
+        side = -(-max(self.min_size, 64) // m) * m
+        return side if side <= self.max_size else self.max_size // m * m
+
     @model_validator(mode="after")
     def _default_size_allowed(self) -> "ServerConfig":
         import re
@@ -248,6 +258,13 @@ class AppConfig(_Strict):
     denoiser_deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
     vae_deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
     ingress_deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+
+    def start_sizes(self) -> list[tuple[int, int]]:
+        """(height, width) the DiT and the VAE warm up with at start: the configured ones, then the smallest
+        accepted square (the /health warm-up's; a small latent compiles its own graph)."""
+        s = self.server.smallest_side
+        sizes = [tuple(x) for x in self.denoiser.warmup_sizes]
+        return sizes + ([(s, s)] if (s, s) not in sizes else [])
 
     @model_validator(mode="after")
     def _serve_options(self) -> "AppConfig":

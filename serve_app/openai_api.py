@@ -107,12 +107,8 @@ def validate_request(req: ImageGenerationRequest, server: ServerConfig, model_na
 
 
 def warmup_size(server: ServerConfig) -> str:
-    """The smallest square size the server accepts, at least 64 px a side: what `/health` warms up with."""
-    m = server.size_multiple
-    side = -(-max(server.min_size, 64) // m) * m
-    if side > server.max_size:
-        side = server.max_size // m * m
-    return f"{side}x{side}"
+    """What `/health` warms up with: the smallest square the server accepts (at least 64 px a side)."""
+    return f"{server.smallest_side}x{server.smallest_side}"
 
 
 def param_from_pydantic_loc(loc: tuple) -> str | None:

@@ -32,7 +32,7 @@ class DenoiserDeployment:
         opts = cfg.denoiser_deployment
         # one thread runs every forward, warm-up included; the next batch is formed when it is free
         self._gpu_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="denoiser")
-        sizes, batch = cfg.denoiser.warmup_sizes or [(64, 64)], min(2, opts.max_batch_size)
+        sizes, batch = cfg.start_sizes(), min(2, opts.max_batch_size)
         # build: load (or random init) + the DiT builder's steps; warmup: the first forwards (compilation)
         self.engine, self.stats_ = StageStats.start(
             lambda: make_denoiser(cfg), lambda engine: self._gpu_thread.submit(engine.warmup, sizes, batch=batch).result()

@@ -156,3 +156,9 @@ def on_dynamo_compile(start, end) -> None:
 
     callback_handler.register_start_callback(lambda args: start(str(args.compile_id)))
     callback_handler.register_end_callback(lambda args: end(str(args.compile_id)))
+
+
+def mark_spatial_dims_dynamic(t: torch.Tensor) -> None:
+    """Compile `t`'s height and width (dims 2, 3) as symbols, so that one graph serves every size."""
+    torch._dynamo.maybe_mark_dynamic(t, 2)
+    torch._dynamo.maybe_mark_dynamic(t, 3)

@@ -12,6 +12,7 @@ import torch
 from serve_app.engines.compile_cache import use_compile_cache
 from serve_app.config import ModelConfig, VaeConfig
 from serve_app.engines.devices import placement
+from serve_app.engines.library_internals import mark_spatial_dims_dynamic
 from serve_app.engines.model_sources import load_vae
 
 
@@ -24,9 +25,10 @@ class VaeEngine:
         self.scaling_factor = self.vae.config.scaling_factor
         self.shift_factor = self.vae.config.shift_factor
         self.compiled = bool(cfg.compile and self.device.type != "cpu")
+        self.spatial_dynamic = self.compiled and cfg.compile_dynamic
         if self.compiled:
-            # one graph per latent shape: a dynamic-shape compile is far slower (benchmarks/README.md, "VAE")
-            self.vae.decoder = torch.compile(self.vae.decoder, dynamic=False)
+            # dynamic=None: the dims marked at each call are symbolic, the rest (batch 1, channels) static
+            self.vae.decoder = torch.compile(self.vae.decoder, dynamic=None if self.spatial_dynamic else False)
 
     @torch.no_grad()
     def decode(self, latents: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -52,6 +54,8 @@ class VaeEngine:
             self.vae.enable_tiling()
         try:
             z = latents / self.scaling_factor + self.shift_factor
+            if self.spatial_dynamic:
+                mark_spatial_dims_dynamic(z)
             image = self.vae.decode(z, return_dict=False)[0]
         finally:
             if tiled:
