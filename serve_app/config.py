@@ -57,6 +57,8 @@ class TextEncoderConfig(_Strict):
     # `cuda_graph_max_batch` are padded to the next power of two; larger ones run eagerly.
     cuda_graph: bool = True
     cuda_graph_max_batch: int = Field(8, ge=1, le=64)
+    # weights in CPU memory, each layer moved to the GPU for its forward (small cards; no CUDA graphs)
+    cpu_offload: bool = False
 
     @model_validator(mode="after")
     def _padding_fits_the_limit(self) -> "TextEncoderConfig":
@@ -139,6 +141,9 @@ class DeploymentOptions(BaseModel):
 
     max_batch_size: int = Field(4, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0)
+    # cap this stage's process at this much GPU memory (torch.cuda.set_per_process_memory_fraction): an
+    # out-of-memory error under it shows the stage does not fit its share of a smaller card
+    gpu_memory_gb: float | None = Field(None, gt=0)
 
     def serve_options(self) -> dict[str, Any]:
         """Ray Serve's options of this stage (a copy: callers may add to it)."""

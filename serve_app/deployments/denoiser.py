@@ -35,7 +35,8 @@ class DenoiserDeployment:
         sizes, batch = cfg.start_sizes(), min(2, opts.max_batch_size)
         # build: load (or random init) + the DiT builder's steps; warmup: the first forwards (compilation)
         self.engine, self.stats_ = StageStats.start(
-            lambda: make_denoiser(cfg), lambda engine: self._gpu_thread.submit(engine.warmup, sizes, batch=batch).result()
+            lambda: make_denoiser(cfg), lambda engine: self._gpu_thread.submit(engine.warmup, sizes, batch=batch).result(),
+            opts.gpu_memory_gb if cfg.denoiser.sp_degree == 1 else None,  # an SP replica holds no GPU itself
         )
         self._batcher = GpuBatcher(
             self._denoise, self._gpu_thread, opts.max_batch_size, opts.batch_wait_timeout_s,

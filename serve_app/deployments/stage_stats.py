@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 
 from serve_app.engines.compile_watch import compile_watch
+from serve_app.engines.devices import cap_process_memory
 
 
 class StageStats:
@@ -30,8 +31,11 @@ class StageStats:
         self.compile_watch = None
 
     @classmethod
-    def start(cls, build: Callable[[], Any], warmup: Callable[[Any], Any]) -> tuple[Any, "StageStats"]:
-        """Build a stage's engine, then warm it up; the stats know where the start went."""
+    def start(cls, build: Callable[[], Any], warmup: Callable[[Any], Any], gpu_memory_gb: float | None = None) -> tuple[Any, "StageStats"]:
+        """Build a stage's engine (this process capped at `gpu_memory_gb`), then warm it up; the stats know
+        where the start went."""
+        if gpu_memory_gb is not None and torch.cuda.is_available():
+            cap_process_memory(gpu_memory_gb, torch.device("cuda", torch.cuda.current_device()))
         watch = compile_watch()
         t0 = time.perf_counter()
         engine = build()

@@ -21,7 +21,8 @@ def _warmup(engine: TextEncoderEngine) -> None:
 class TextEncoderDeployment:
     def __init__(self, app_config: dict):
         cfg = AppConfig.model_validate(app_config)
-        self.engine, self.stats_ = StageStats.start(lambda: TextEncoderEngine(cfg.model, cfg.text_encoder), _warmup)
+        self.engine, self.stats_ = StageStats.start(lambda: TextEncoderEngine(cfg.model, cfg.text_encoder), _warmup,
+                                                    cfg.text_encoder_deployment.gpu_memory_gb)
         self.encode.set_max_batch_size(cfg.text_encoder_deployment.max_batch_size)
         self.encode.set_batch_wait_timeout_s(cfg.text_encoder_deployment.batch_wait_timeout_s)
 

@@ -21,6 +21,7 @@ class VaeDecoderDeployment:
         self.engine, self.stats_ = StageStats.start(
             lambda: VaeEngine(cfg.model, cfg.vae),
             lambda engine: [engine.decode([torch.zeros(16, h // 8, w // 8)]) for h, w in sizes],
+            cfg.vae_deployment.gpu_memory_gb,
         )
         self.decode.set_max_batch_size(cfg.vae_deployment.max_batch_size)
         self.decode.set_batch_wait_timeout_s(cfg.vae_deployment.batch_wait_timeout_s)

@@ -27,6 +27,13 @@ def placement(cfg: ModelConfig, device: torch.device | None = None) -> tuple[tor
     return device, resolve_dtype(cfg, device)
 
 
+def cap_process_memory(gb: float | None, device: torch.device) -> None:
+    """Let this process's caching allocator use at most `gb` of `device` (None: no cap)."""
+    if gb is not None and device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, gb * 2**30 / total), device)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -74,13 +74,18 @@ def build_dit(model_cfg: ModelConfig, cfg: DenoiserConfig, device: torch.device,
               sp: SPOptions | None = None):
     """(transformer, DiTBuild) for `device`; with `sp`, this rank's shard of an SP group."""
     check_library_versions()
-    transformer = load_transformer(model_cfg, device, dtype)
-    if sp is not None and sp.world_size > 1:  # rank 0's weights everywhere, before anything is applied
+    settings = choose_engine_settings(detect_platform(device), cfg)
+    warnings = list(settings.warnings)
+    sharded = sp is not None and sp.world_size > 1
+    # FP8 on one device: the bf16 weights stay in CPU memory and each linear reaches the device already
+    # quantized, so the device never holds the bf16 model (its peak is the FP8 model's). An SP rank loads
+    # on its device: the weight broadcast runs over the device's collectives.
+    staged = settings.fp8 and not sharded and device.type != "cpu"
+    transformer = load_transformer(model_cfg, torch.device("cpu") if staged else device, dtype)
+    if sharded:  # rank 0's weights everywhere, before anything is applied
         from serve_app.sp.process_group import broadcast_weights
 
         broadcast_weights(transformer)
-    settings = choose_engine_settings(detect_platform(device), cfg)
-    warnings = list(settings.warnings)
 
     # 1. attention processors: ours everywhere (FA3 where it imports), or a diffusers backend on them
     backend = settings.attention_backend
@@ -128,7 +133,8 @@ def build_dit(model_cfg: ModelConfig, cfg: DenoiserConfig, device: torch.device,
         def in_blocks(module, fqn):
             return isinstance(module, torch.nn.Linear) and fqn.startswith(tuple(f"{g}." for g in BLOCK_GROUPS))
 
-        quantize_linears_fp8(transformer, settings.torch_fp8_dtype, in_blocks)
+        quantize_linears_fp8(transformer, settings.torch_fp8_dtype, in_blocks, device=device)
+        transformer.to(device)  # what stays bf16 (embedders, norms, final layer)
 
     # 4. regional compile: one graph per block class
     if settings.compile.enabled:

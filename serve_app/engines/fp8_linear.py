@@ -42,14 +42,16 @@ class Float8RowwiseLinear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8={self.fp8_dtype}"
 
 
-def quantize_linears_fp8(model: torch.nn.Module, fp8_dtype: torch.dtype, filter_fn) -> int:
+def quantize_linears_fp8(model: torch.nn.Module, fp8_dtype: torch.dtype, filter_fn, device: torch.device | None = None) -> int:
     """Replace every `nn.Linear` for which `filter_fn(module, fqn)` holds by a Float8RowwiseLinear, in
-    place; returns how many were replaced."""
+    place, each moved to `device` first when given; returns how many were replaced."""
     # names only, so that each bf16 linear is freed as soon as it is replaced: holding them all would
     # keep a bf16 copy of the blocks next to the FP8 one until the end (the peak of a bf16 + FP8 model)
     names = [fqn for fqn, m in model.named_modules() if isinstance(m, torch.nn.Linear) and filter_fn(m, fqn)]
     for fqn in names:
         parent_name, _, child = fqn.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Float8RowwiseLinear(getattr(parent, child), fp8_dtype))
+        linear = getattr(parent, child)
+        setattr(parent, child, Float8RowwiseLinear(linear.to(device) if device is not None else linear, fp8_dtype))
+        del linear
     return len(names)

@@ -25,16 +25,22 @@ class TextEncoderEngine:
         self.cfg = cfg
         self.device, self.dtype = placement(model_cfg)
         self.tokenizer = load_tokenizer(model_cfg)
-        self.model = load_text_encoder(model_cfg, self.device, self.dtype)
+        # offloaded: the weights stay in CPU memory and accelerate's hooks bring each layer to the device
+        # for its forward (SGLang-diffusion's --text-encoder-cpu-offload)
+        self.model = load_text_encoder(model_cfg, torch.device("cpu") if cfg.cpu_offload else self.device, self.dtype)
         if cfg.skip_last_layer:
             # hidden_states[-2] is the output of layer n-2: run n-1 layers and skip the final norm.
             self.model.layers = self.model.layers[:-1]
             self.model.config.num_hidden_layers -= 1
             self.model.norm = torch.nn.Identity()
+        if cfg.cpu_offload:
+            from accelerate import cpu_offload
+
+            cpu_offload(self.model, execution_device=self.device)
         self.hidden_size = self.model.config.hidden_size
-        # CUDA graphs of the forward, captured by warmup() or on a shape's first use
+        # CUDA graphs of the forward, captured by warmup() or on a shape's first use (not of moving weights)
         self.graphs = None
-        if cfg.cuda_graph and self.device.type == "cuda":
+        if cfg.cuda_graph and self.device.type == "cuda" and not cfg.cpu_offload:
             pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
             self.graphs = EncoderGraphs(self.model, cfg.skip_last_layer, pad_id, cfg.cuda_graph_max_batch)
 
