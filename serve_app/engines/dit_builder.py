@@ -78,9 +78,12 @@ def build_dit(model_cfg: ModelConfig, cfg: DenoiserConfig, device: torch.device,
     warnings = list(settings.warnings)
     sharded = sp is not None and sp.world_size > 1
     # FP8 on one device: the bf16 weights stay in CPU memory and each linear reaches the device already
-    # quantized, so the device never holds the bf16 model (its peak is the FP8 model's). An SP rank loads
-    # on its device: the weight broadcast runs over the device's collectives.
-    staged = settings.fp8 and not sharded and device.type != "cpu"
+    # quantized, so the device never holds the bf16 model (its peak is the FP8 model's). Hub weights pass
+    # through CPU memory anyway; random-full weights are drawn on the CPU only when the process is capped
+    # (drawing 6B of them there is slower than on the device). An SP rank loads on its device: the weight
+    # broadcast runs over the device's collectives.
+    capped = device.type == "cuda" and torch.cuda.get_per_process_memory_fraction(device) < 1.0
+    staged = settings.fp8 and not sharded and device.type != "cpu" and (model_cfg.source != "random-full" or capped)
     transformer = load_transformer(model_cfg, torch.device("cpu") if staged else device, dtype)
     if sharded:  # rank 0's weights everywhere, before anything is applied
         from serve_app.sp.process_group import broadcast_weights
