@@ -161,6 +161,9 @@ class ImageIngress:
         guidance_scale: float = Form(0.0),
         negative_prompt: str | None = Form(None),
     ) -> dict:
+        # FastAPI resolves this signature's (string) annotations from the method's globals, and the Serve
+        # replica gets the method by value with only the globals its body names: so name UploadFile here
+        UploadFile  # noqa: B018
         fields = dict(
             prompt=prompt, model=model, n=n, size=size, response_format=response_format, output_format=output_format,
             quality=quality, user=user, background=background, input_fidelity=input_fidelity,
