@@ -236,3 +236,34 @@ def test_bad_uploads_get_4xx_naming_the_field_and_the_server_serves_on(server, n
     ok = edit({"image": ("x.png", png(photo(64, 64)), "image/png")}, {"prompt": "a cat", "num_inference_steps": "2", "seed": "1"})
     assert ok.status_code == 200, ok.text
     assert httpx.get(BASE + "/health", timeout=60).status_code == 200
+
+
+def _animated() -> bytes:
+    frames = [Image.new("RGB", (96, 64), c) for c in ((250, 0, 0), (0, 250, 0))]
+    return png(frames[0], save_all=True, append_images=frames[1:])
+
+
+def _rotated_jpeg() -> bytes:
+    img = photo(96, 64)
+    exif = img.getexif()
+    exif[0x0112] = 6  # shown rotated: 64 wide, 96 high
+    return png(img, "JPEG", exif=exif)
+
+
+CONVERTED = [
+    ("animated png: first frame", _animated, (96, 64)),
+    ("cmyk jpeg", lambda: png(photo(96, 64).convert("CMYK"), "JPEG"), (96, 64)),
+    ("16-bit grayscale", lambda: png(Image.fromarray(np.asarray(photo(96, 64).convert("L")).astype(np.uint16) * 257)), (96, 64)),
+    ("palette", lambda: png(photo(96, 64).convert("P")), (96, 64)),
+    ("rgba", lambda: png(photo(96, 64).convert("RGBA")), (96, 64)),
+    ("webp", lambda: png(photo(96, 64), "WEBP"), (96, 64)),
+    ("exif orientation", _rotated_jpeg, (64, 96)),
+]
+
+
+@pytest.mark.parametrize("name, make, size", CONVERTED, ids=[c[0] for c in CONVERTED])
+def test_unusual_but_valid_uploads_are_converted(server, name, make, size):
+    r = edit({"image": ("x", make(), "application/octet-stream")}, {"prompt": "a cat", "num_inference_steps": "2", "seed": "1"})
+    assert r.status_code == 200, (name, r.text)
+    d = r.json()["data"][0]
+    assert (d["width"], d["height"]) == size and pixels(d["b64_json"]).shape == (size[1], size[0], 3)
