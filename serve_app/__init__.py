@@ -6,6 +6,8 @@
   engines/         the model math, free of Ray (one engine per stage)
   sp/              sequence parallelism: one denoiser replica over several GPUs
   openai_api.py    request schema, validation, OpenAI-shaped errors; image_encoding.py: PNG / JPEG / WebP
+  uploads.py       /v1/images/edits uploads: parsing and the hostile-input checks (engines/edit_inputs.py: the
+                   size rule, resize and mask as diffusers prepares an edit's inputs)
   stage_messages.py  what the stages pass each other
   pipeline.py, generate.py  the three engines in one process, and its command line
 """

@@ -234,6 +234,10 @@ class ServerConfig(_Strict):
     webp_quality: int = Field(90, ge=1, le=100)
     max_inflight_images: int = Field(256, ge=1)  # per ingress replica; past it requests get 429
     warmup: bool = True  # /health is 200 only after one generation went through every stage
+    # /v1/images/edits uploads (serve_app/uploads.py): a larger file is refused with 413; an image with more
+    # pixels (width x height, read from its header before anything is decoded) with 400
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    max_upload_pixels: int = Field(50_000_000, ge=1)
 
     @property
     def smallest_side(self) -> int:

@@ -47,6 +47,18 @@ class ImageGenerationRequest(BaseModel):
     negative_prompt: str | None = None
 
 
+class ImageEditRequest(ImageGenerationRequest):
+    """POST /v1/images/edits, less its files (`image`, `mask`): the generation fields plus `strength`.
+    Without `size`, the output has the input's size fitted to the server's bounds (serve_app/uploads.py)."""
+
+    strength: float | None = Field(
+        None, description="0 < strength <= 1: how much of the schedule runs. Default: diffusers' own, 0.6 without a mask "
+        "(ZImageImg2ImgPipeline), 1.0 with one (ZImageInpaintPipeline).")
+    background: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
+    input_fidelity: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
+    output_compression: int | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
+
+
 class ValidatedRequest(BaseModel):
     prompt: str
     n: int
@@ -57,6 +69,7 @@ class ValidatedRequest(BaseModel):
     steps: int
     guidance_scale: float
     negative_prompt: str | None
+    strength: float | None = None  # edits only
 
 
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
@@ -104,6 +117,20 @@ def validate_request(req: ImageGenerationRequest, server: ServerConfig, model_na
         guidance_scale=req.guidance_scale,
         negative_prompt=req.negative_prompt,
     )
+
+
+def validate_edit_request(req: ImageEditRequest, server: ServerConfig, model_name: str, max_steps: int, default_steps: int,
+                          has_mask: bool = False) -> ValidatedRequest:
+    """`validate_request`'s checks (with `size` already set: given, or fitted to the upload), and the
+    strength: 0 < strength <= 1 and at least one step of the schedule runs (diffusers refuses 0 steps)."""
+    out = validate_request(req, server, model_name, max_steps, default_steps)
+    strength = req.strength if req.strength is not None else (1.0 if has_mask else 0.6)
+    if not 0.0 < strength <= 1.0:
+        raise APIError(400, "strength must be greater than 0 and at most 1", param="strength", code="invalid_value")
+    if int(max(out.steps - min(out.steps * strength, out.steps), 0)) >= out.steps:
+        raise APIError(400, f"strength {strength} with {out.steps} steps runs no step", param="strength", code="invalid_value")
+    out.strength = strength
+    return out
 
 
 def warmup_size(server: ServerConfig) -> str:

@@ -30,11 +30,43 @@ class DenoiseRequest:
     # images known to reach the DiT together with this one (the request's n, or prompts the text
     # encoder batched together): above 1 the DiT waits up to its batch_wait_timeout_s for them
     companions: int = 1
+    # image-to-image (ZImageImg2ImgPipeline): the encoded image, [C, h, w] CPU in the VAE's dtype, and
+    # how much of the schedule runs (0 < strength <= 1); inpainting (ZImageInpaintPipeline) adds `mask`,
+    # [h, w] uint8 at latent resolution, 1 where the image is repainted
+    image_latents: torch.Tensor | None = None
+    strength: float = 1.0
+    mask: torch.Tensor | None = None
 
     @property
-    def batch_key(self) -> tuple[int, int, int]:
-        """Requests share a DiT forward only when this is equal: same latent shape, same schedule."""
-        return (self.height, self.width, self.steps)
+    def start_step(self) -> int:
+        """The first of the schedule's `steps` that runs, as diffusers' img2img `get_timesteps` computes it:
+        int(steps - min(steps * strength, steps)); 0 for text-to-image."""
+        if self.image_latents is None:
+            return 0
+        return int(max(self.steps - min(self.steps * self.strength, self.steps), 0))
+
+    @property
+    def batch_key(self) -> tuple[int, int, int, int]:
+        """Requests share a DiT forward only when this is equal: same latent shape, same schedule, same
+        first step (so the same timesteps run; an edit at strength 1 batches with text-to-image)."""
+        return (self.height, self.width, self.steps, self.start_step)
+
+
+@dataclass
+class ImageToEncode:
+    """An edit's input for the VAE encoder: uint8 pixels (a quarter of fp32's bytes) and the seeds of
+    its images (one posterior sample each)."""
+
+    pixels: torch.Tensor  # uint8 [H, W, 3], CPU
+    seeds: list[int]
+
+
+@dataclass
+class EncodedImage:
+    """The VAE-encoded input of an edit: one latent sample per seed, [C, h, w] CPU in the VAE's dtype."""
+
+    latents: list[torch.Tensor]
+    timings: dict = field(default_factory=dict)
 
 
 @dataclass

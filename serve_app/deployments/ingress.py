@@ -4,6 +4,11 @@ Per request: the prompt is encoded once, then n denoiser calls (consecutive seed
 each followed by its VAE decode; images are encoded to PNG/JPEG/WebP in worker threads. Admission is bounded (429 past
 `server.max_inflight_images`), downstream queues are bounded (503 on back-pressure) and every request
 has a deadline (504); a cancelled or timed-out request cancels its downstream calls.
+
+Edits (POST /v1/images/edits, multipart): the uploads are checked from their headers here (413 / 400
+before anything is decoded, serve_app/uploads.py), decoded and resized in a worker thread, VAE-encoded
+(one call per request, one posterior sample per seed) while the prompt is encoded, then denoised from
+the image's latents with the request's strength (and mask) and decoded as a generation is.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ import logging
 import random
 import time
 
-from fastapi import FastAPI, Request
+from dataclasses import dataclass
+
+from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
@@ -26,19 +33,22 @@ from serve_app.config import AppConfig
 from serve_app.image_encoding import encode_image
 from serve_app.openai_api import (
     APIError,
+    ImageEditRequest,
     ImageGenerationRequest,
     ValidatedRequest,
     param_from_pydantic_loc,
+    validate_edit_request,
     validate_request,
     warmup_size,
 )
-from serve_app.stage_messages import DenoiseRequest
+from serve_app.stage_messages import DenoiseRequest, ImageToEncode
+from serve_app.uploads import load_edit_inputs, output_size
 
 log = logging.getLogger("ray.serve")
 
 api = FastAPI(
     title="Z-Image-Turbo on Ray Serve",
-    description="OpenAI-compatible image generation (POST /v1/images/generations).",
+    description="OpenAI-compatible image generation (POST /v1/images/generations) and editing (POST /v1/images/edits).",
     version="0.1.0",
 )
 
@@ -56,6 +66,18 @@ async def _validation_error(_: Request, e: RequestValidationError):
     param = param_from_pydantic_loc(tuple(err.get("loc", ())))
     msg = f"{param}: {err.get('msg')}" if param else str(err.get("msg"))
     return JSONResponse(status_code=400, content=APIError(400, msg, param=param, code="invalid_value").body())
+
+
+@dataclass
+class EditUpload:
+    image: bytes
+    mask: bytes | None
+
+
+def _pydantic_400(e: Exception) -> APIError:
+    errs = getattr(e, "errors", lambda: [])()
+    param = param_from_pydantic_loc(tuple(errs[0]["loc"])) if errs else None
+    return APIError(400, str(e), param=param, code="invalid_value")
 
 
 def _cancel_all(responses: list) -> None:
@@ -96,15 +118,71 @@ class ImageIngress:
             raise APIError(400, str(e), param=param, code="invalid_value") from None
         return await self._generate(req)
 
+    async def edit(self, image: bytes, prompt: str, mask: bytes | None = None, **params) -> dict:
+        """`await handle.edit.remote(image_bytes, "a fox", mask=png_bytes, strength=0.6, seed=1)`: the fields
+        of POST /v1/images/edits, the files as bytes; returns what `generate` returns."""
+        try:
+            req = ImageEditRequest(prompt=prompt, **params)
+        except Exception as e:
+            raise _pydantic_400(e) from None
+        return await self._edit(req, EditUpload(image, mask))
+
     # ---- HTTP routes -----------------------------------------------------------------------
     @api.post("/v1/images/generations")
     async def images_generations(self, body: ImageGenerationRequest) -> dict:
-        result = await self._generate(body)
+        return await self._respond(await self._generate(body))
+
+    async def _respond(self, result: dict) -> dict:
         data = []
         for item in result["data"]:
             b64 = await asyncio.to_thread(base64.b64encode, item.pop("image"))
             data.append({"b64_json": b64.decode("ascii"), "revised_prompt": None, **item})
         return {**result, "data": data}
+
+    @api.post("/v1/images/edits")
+    async def images_edits(
+        self,
+        image: UploadFile = File(..., description="PNG, JPEG or WebP; the first frame of an animated file."),
+        prompt: str = Form(...),
+        mask: UploadFile | None = File(None, description="PNG; its transparent pixels mark where to paint."),
+        model: str | None = Form(None),
+        n: int = Form(1),
+        size: str | None = Form(None, description="'WIDTHxHEIGHT'; default: the image's, fitted to the bounds."),
+        response_format: str = Form("b64_json"),
+        output_format: str | None = Form(None),
+        quality: str | None = Form(None),
+        user: str | None = Form(None),
+        background: str | None = Form(None),
+        input_fidelity: str | None = Form(None),
+        output_compression: int | None = Form(None),
+        strength: float | None = Form(None),
+        seed: int | None = Form(None),
+        num_inference_steps: int | None = Form(None),
+        guidance_scale: float = Form(0.0),
+        negative_prompt: str | None = Form(None),
+    ) -> dict:
+        # FastAPI resolves this signature's (string) annotations from the method's globals, and the Serve
+        # replica gets the method by value with only the globals its body names: so name UploadFile here
+        UploadFile  # noqa: B018
+        fields = dict(
+            prompt=prompt, model=model, n=n, size=size, response_format=response_format, output_format=output_format,
+            quality=quality, user=user, background=background, input_fidelity=input_fidelity,
+            output_compression=output_compression, strength=strength, seed=seed,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
+        )
+        try:
+            body = ImageEditRequest(**fields)
+        except Exception as e:
+            raise _pydantic_400(e) from None
+        limit = self.server.max_upload_bytes
+        files = {}
+        for name, f in (("image", image), ("mask", mask)):
+            if f is None:
+                continue
+            if f.size is not None and f.size > limit:  # Starlette spooled it to a temporary file
+                raise APIError(413, f"{name}: the file is larger than {limit} bytes", param=name, code="payload_too_large", type="invalid_request_error")
+            files[name] = await f.read(limit + 1)
+        return await self._respond(await self._edit(body, EditUpload(files["image"], files.get("mask"))))
 
     @api.get("/v1/models")
     async def models(self) -> dict:
@@ -132,9 +210,18 @@ class ImageIngress:
         return {"ingress": {**self.counters, "inflight_images": self.inflight_images}, "text_encoder": te, "denoiser": dn, "vae": vae}
 
     # ---- the pipeline ----------------------------------------------------------------------
-    async def _generate(self, body: ImageGenerationRequest) -> dict:
+    async def _edit(self, body: ImageEditRequest, upload: EditUpload) -> dict:
+        if body.size is None:  # the header only: format, byte and pixel limits, orientation
+            width, height = await asyncio.to_thread(output_size, upload.image, self.server)
+            body = body.model_copy(update={"size": f"{width}x{height}"})
+        return await self._generate(body, upload)
+
+    async def _generate(self, body: ImageGenerationRequest, edit: EditUpload | None = None) -> dict:
         dn_cfg = self.cfg.denoiser
-        req = validate_request(body, self.server, self.cfg.model.name, dn_cfg.max_steps, dn_cfg.default_steps)
+        if edit is None:
+            req = validate_request(body, self.server, self.cfg.model.name, dn_cfg.max_steps, dn_cfg.default_steps)
+        else:
+            req = validate_edit_request(body, self.server, self.cfg.model.name, dn_cfg.max_steps, dn_cfg.default_steps, edit.mask is not None)
         if self.inflight_images + req.n > self.server.max_inflight_images:
             self.counters["rejected_429"] += 1
             raise APIError(429, "the server is at capacity; retry later", code="rate_limit_exceeded")
@@ -144,7 +231,7 @@ class ImageIngress:
         responses: list = []
         ok = False
         try:
-            images = await asyncio.wait_for(self._run_dag(req, responses), timeout=self.server.request_timeout_s)
+            images = await asyncio.wait_for(self._run_dag(req, responses, edit), timeout=self.server.request_timeout_s)
             ok = True
         except asyncio.TimeoutError:
             self.counters["timeouts_504"] += 1
@@ -195,7 +282,7 @@ class ImageIngress:
             data.append({"image": img, "format": req.output_format, "width": req.width, "height": req.height, "seed": seed, "timings": timings})
         return {"created": int(time.time()), "data": data, "timings": {"total_s": t_end - t0, "encode_s": t_end - t_stages}}
 
-    async def _run_dag(self, req: ValidatedRequest, responses: list):
+    async def _run_dag(self, req: ValidatedRequest, responses: list, edit: EditUpload | None = None):
         first_seed = req.seed if req.seed is not None else random.randrange(2**62)
         seeds = [first_seed + i for i in range(req.n)]
 
@@ -208,22 +295,30 @@ class ImageIngress:
         # max_queued_requests when the call is made and does not count a call still waiting for an
         # unresolved argument, so chained calls would bypass the 503; and a dead DiT rank would surface
         # as Serve's generic "upstream actor died".
+        async def encode_image_latents():
+            if edit is None:
+                return None, None
+            inputs = await asyncio.to_thread(load_edit_inputs, edit.image, edit.mask, req.width, req.height, self.server)
+            return await call(self.vae.encode, ImageToEncode(pixels=inputs.pixels, seeds=seeds)), inputs.mask
+
         encodes = [call(self.text_encoder.encode, req.prompt)]
         if req.guidance_scale > 0:
             encodes.append(call(self.text_encoder.encode, req.negative_prompt or ""))
-        encoded = await asyncio.gather(*encodes)
+        *encoded, (image_latents, mask) = await asyncio.gather(*encodes, encode_image_latents())
         prompt, negative = encoded[0], (encoded[1] if len(encoded) > 1 else None)
         text_encoder_s = sum(e.timings.get("text_encoder_s", 0.0) for e in encoded)
 
-        async def one_image(seed: int):
+        async def one_image(i: int, seed: int):
             request = DenoiseRequest(
                 embeds=prompt.embeds, height=req.height, width=req.width, steps=req.steps, seed=seed,
                 guidance_scale=req.guidance_scale, negative_embeds=negative.embeds if negative is not None else None,
                 companions=max(req.n, prompt.batch),
             )
+            if image_latents is not None:
+                request.image_latents, request.strength, request.mask = image_latents.latents[i], req.strength, mask
             latents = await call(self.denoiser.denoise, request)
             decoded = await call(self.vae.decode, latents)
             decoded.timings["text_encoder_s"] = text_encoder_s
             return decoded
 
-        return await asyncio.gather(*[one_image(s) for s in seeds]), seeds
+        return await asyncio.gather(*[one_image(i, s) for i, s in enumerate(seeds)]), seeds

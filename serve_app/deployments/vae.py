@@ -1,4 +1,10 @@
-"""VAE-decoder deployment: batches same-shape latents into one decode, returns uint8 pixels."""
+"""VAE deployment: batches same-shape latents into one decode (uint8 pixels back), and for edits same-shape
+images into one encode (latents back, in the VAE's dtype).
+
+Encode lives here, not in a deployment of its own: encoder and decoder are one AutoencoderKL, loaded once
+per replica on the GPU; a second deployment would hold a second copy and a second CUDA context for a
+forward (about a decode's cost) that only edits run. Both methods share the replica's batching and
+scaling; `vae_deployment.max_batch_size` bounds each."""
 
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ from ray import serve
 from serve_app.config import AppConfig
 from serve_app.deployments.stage_stats import StageStats
 from serve_app.engines.vae import VaeEngine
-from serve_app.stage_messages import DecodedImage, DenoisedLatents
+from serve_app.stage_messages import DecodedImage, DenoisedLatents, EncodedImage, ImageToEncode
 
 
 @serve.deployment
@@ -25,6 +31,8 @@ class VaeDecoderDeployment:
         )
         self.decode.set_max_batch_size(cfg.vae_deployment.max_batch_size)
         self.decode.set_batch_wait_timeout_s(cfg.vae_deployment.batch_wait_timeout_s)
+        self.encode.set_max_batch_size(cfg.vae_deployment.max_batch_size)
+        self.encode.set_batch_wait_timeout_s(cfg.vae_deployment.batch_wait_timeout_s)
 
     def _decode(self, items: list[DenoisedLatents]) -> list[DecodedImage]:
         images, dt = self.stats_.timed(self.engine.decode, [it.latents for it in items])
@@ -33,6 +41,14 @@ class VaeDecoderDeployment:
     @serve.batch
     async def decode(self, items: list[DenoisedLatents]) -> list[DecodedImage]:
         return await asyncio.to_thread(self._decode, items)
+
+    def _encode(self, items: list[ImageToEncode]) -> list[EncodedImage]:
+        latents, dt = self.stats_.timed(lambda its: self.engine.encode([it.pixels for it in its], [it.seeds for it in its]), items)
+        return [EncodedImage(latents=lat, timings={"vae_encode_s": dt}) for lat in latents]
+
+    @serve.batch
+    async def encode(self, items: list[ImageToEncode]) -> list[EncodedImage]:
+        return await asyncio.to_thread(self._encode, items)
 
     def stats(self) -> dict:
         return self.stats_.snapshot()

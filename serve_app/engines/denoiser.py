@@ -10,6 +10,13 @@ scheduler's shift (3.0, no dynamic shifting), then a final step to 0. `steps` is
 forwards; Turbo's 8 forwards is `steps=8` here. (Older diffusers releases built the schedule from
 `num_inference_steps` with a trailing zero-sigma step, which is why Z-Image-Turbo's model card asks for
 9 "steps" to get 8 forwards; with 0.42 the two coincide.)
+
+Edits: a request with `image_latents` runs as `ZImageImg2ImgPipeline` does: only the schedule's steps from
+`start_step` on (strength s of k steps: k - int(k - s*k) forwards), starting from the encoded image noised
+to that step's sigma with the request's own noise; with a `mask`, as `ZImageInpaintPipeline` does: after
+each step the kept region is reset to the image noised to the next step's sigma (the image itself after
+the last). diffusers draws from one generator seeded with the seed: the VAE posterior sample first
+(serve_app/engines/vae.py draws it), then the noise; `edit_noise` skips the first draw to get the second.
 """
 
 from __future__ import annotations
@@ -68,6 +75,14 @@ def initial_noise(seed: int, channels: int, height: int, width: int) -> torch.Te
     """[1, C, h, w] float32 noise on CPU, as diffusers' randn_tensor draws it from a CPU generator."""
     shape = (1, channels, 2 * (height // PIXELS_PER_LATENT_PATCH), 2 * (width // PIXELS_PER_LATENT_PATCH))
     return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
+
+
+def edit_noise(seed: int, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """[1, C, h, w] noise of an edit: the second draw of a CPU generator seeded with `seed`, in the image
+    latents' dtype (diffusers draws the VAE posterior sample, then this noise, in that order and dtype)."""
+    g = torch.Generator("cpu").manual_seed(seed)
+    torch.randn((1, *shape), generator=g, dtype=dtype)  # the VAE's posterior sample (drawn by the VAE stage)
+    return torch.randn((1, *shape), generator=g, dtype=dtype)
 
 
 def group_by_shape(requests: list[DenoiseRequest], same_caption_length: bool = False) -> dict[tuple, list[int]]:
@@ -141,7 +156,7 @@ class DenoiserEngine:
     def shutdown(self) -> None:
         pass
 
-    def _scheduler(self, steps: int, image_seq_len: int):
+    def _scheduler(self, steps: int, image_seq_len: int, start_step: int = 0):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)
@@ -153,7 +168,7 @@ class DenoiserEngine:
             self.scheduler_config.get("max_shift", 1.15),
         )
         scheduler.set_timesteps(sigmas=default_sigmas(steps), device=self.device, mu=mu)
-        scheduler.set_begin_index(0)
+        scheduler.set_begin_index(start_step)
         return scheduler
 
     def validate(self, r: DenoiseRequest) -> None:
@@ -163,6 +178,14 @@ class DenoiserEngine:
             raise ValueError(f"embeds must be [tokens, {self.cap_feat_dim}], got {tuple(r.embeds.shape)}")
         if r.guidance_scale > 0 and r.negative_embeds is None:
             raise ValueError("guidance_scale > 0 needs negative_embeds")
+        latent_hw = (2 * (r.height // PIXELS_PER_LATENT_PATCH), 2 * (r.width // PIXELS_PER_LATENT_PATCH))
+        if r.image_latents is not None:
+            if tuple(r.image_latents.shape) != (self.in_channels, *latent_hw):
+                raise ValueError(f"image_latents must be {(self.in_channels, *latent_hw)}, got {tuple(r.image_latents.shape)}")
+            if not 0 < r.strength <= 1 or r.start_step >= r.steps:
+                raise ValueError(f"strength {r.strength} with {r.steps} steps runs no step")
+        if r.mask is not None and (r.image_latents is None or tuple(r.mask.shape) != latent_hw):
+            raise ValueError(f"mask must be {latent_hw} and come with image_latents")
 
     @torch.no_grad()
     def denoise(self, requests: list[DenoiseRequest]) -> list[torch.Tensor]:
@@ -177,17 +200,30 @@ class DenoiserEngine:
         return out  # type: ignore[return-value]
 
     def _denoise_group(self, reqs: list[DenoiseRequest]) -> list[torch.Tensor]:
-        height, width, steps = reqs[0].batch_key
-        latents = torch.cat([initial_noise(r.seed, self.in_channels, r.height, r.width) for r in reqs]).to(self.device)
-        image_seq_len = (latents.shape[2] // 2) * (latents.shape[3] // 2)
-        scheduler = self._scheduler(steps, image_seq_len)
+        height, width, steps, start = reqs[0].batch_key
+        n = len(reqs)
+        lh, lw = 2 * (height // PIXELS_PER_LATENT_PATCH), 2 * (width // PIXELS_PER_LATENT_PATCH)
+        scheduler = self._scheduler(steps, (lh // 2) * (lw // 2), start)
+        timesteps = scheduler.timesteps[start:]
+        starts, edits = [], {}  # edits: request index -> (image latents, noise) on the device
+        for i, r in enumerate(reqs):
+            if r.image_latents is None:
+                starts.append(initial_noise(r.seed, self.in_channels, r.height, r.width).to(self.device))
+                continue
+            image = r.image_latents.unsqueeze(0).to(self.device)
+            noise = edit_noise(r.seed, tuple(r.image_latents.shape), image.dtype).to(self.device)
+            edits[i] = (image, noise)
+            # begin_index is `start` and no step has run: the sigma of timesteps[0], as in diffusers
+            starts.append(scheduler.scale_noise(image, timesteps[:1], noise).float())
+        latents = torch.cat(starts)  # float32: the first forward casts to the DiT's dtype, step() to fp32
+        masks = {i: reqs[i].mask.to(self.device, edits[i][0].dtype)[None, None] for i in edits if reqs[i].mask is not None}
 
         cfg_idx = [i for i, r in enumerate(reqs) if r.guidance_scale > 0]
         embeds = [r.embeds.to(self.device, self.dtype) for r in reqs]
         embeds += [reqs[i].negative_embeds.to(self.device, self.dtype) for i in cfg_idx]
         n = len(reqs)
 
-        for t in scheduler.timesteps:
+        for step, t in enumerate(timesteps):
             timestep = (1000 - t.expand(n)) / 1000
             latent_in = latents.to(self.dtype)
             if cfg_idx:
@@ -202,6 +238,11 @@ class DenoiserEngine:
                 preds[i] = pos + reqs[i].guidance_scale * (pos - neg)
             noise_pred = -torch.stack(preds, dim=0).squeeze(2)
             latents = scheduler.step(noise_pred.to(torch.float32), t, latents, return_dict=False)[0]
+            for i, mask in masks.items():  # inpainting: keep the unmasked region on the image's path
+                image, noise = edits[i]
+                if step < len(timesteps) - 1:
+                    image = scheduler.scale_noise(image, torch.tensor([timesteps[step + 1]]), noise)
+                latents[i : i + 1] = (1 - mask) * image + mask * latents[i : i + 1]
 
         self._stats.record_batch(n)
         return list(latents.unbind(0))

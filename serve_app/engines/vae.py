@@ -1,8 +1,10 @@
-"""VAE decoder stage: latents -> uint8 RGB images [H, W, 3].
+"""VAE stage: latents -> uint8 RGB images [H, W, 3] (decode), and for edits uint8 images -> latents (encode).
 
 Same arithmetic as ZImagePipeline's decode and VaeImageProcessor.postprocess (unscale, unshift,
 decode, x*0.5+0.5 clamped in the VAE's dtype, then *255 rounded in float32), done on the device so
-only uint8 pixels travel back.
+only uint8 pixels travel back. `encode` is ZImageImg2ImgPipeline's: VaeImageProcessor's x/255*2-1 in
+float32, cast to the VAE's dtype, the posterior sampled with the request's seed (the generator's first
+draw), shifted and scaled; uint8 pixels travel in, latents in the VAE's dtype travel out.
 """
 
 from __future__ import annotations
@@ -46,6 +48,39 @@ class VaeEngine:
                 for i, img in zip(chunk, self._decode_batch(batch)):
                     out[i] = img
         return out  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def encode(self, images: list[torch.Tensor], seeds: list[list[int]]) -> list[list[torch.Tensor]]:
+        """For each uint8 [H, W, 3] image (CPU, sides multiples of 16), one latent [C, H/8, W/8] (CPU, the
+        VAE's dtype) per seed of its list. Same-shape images share one encoder forward; each seed samples
+        the posterior from a CPU generator seeded with it, as diffusers does for one image."""
+        out: list[list[torch.Tensor] | None] = [None] * len(images)
+        by_shape: dict[tuple, list[int]] = {}
+        for i, img in enumerate(images):
+            by_shape.setdefault(tuple(img.shape), []).append(i)
+        for idx in by_shape.values():
+            x = torch.stack([images[i] for i in idx]).to(self.device).permute(0, 3, 1, 2).float() / 255.0
+            dist = self._encode_batch((2.0 * x - 1.0).to(self.dtype))
+            for j, i in enumerate(idx):
+                mean, std = dist.mean[j : j + 1], dist.std[j : j + 1]
+                lats = []
+                for seed in seeds[i]:
+                    g = torch.Generator("cpu").manual_seed(seed)
+                    sample = torch.randn(mean.shape, generator=g, dtype=mean.dtype).to(self.device)
+                    z = ((mean + std * sample) - self.shift_factor) * self.scaling_factor
+                    lats.append(z[0].cpu())
+                out[i] = lats
+        return out  # type: ignore[return-value]
+
+    def _encode_batch(self, x: torch.Tensor):
+        tiled = x.shape[2] * x.shape[3] > self.cfg.tiling_min_pixels
+        if tiled:
+            self.vae.enable_tiling()
+        try:
+            return self.vae.encode(x).latent_dist
+        finally:
+            if tiled:
+                self.vae.disable_tiling()
 
     def _decode_batch(self, latents: torch.Tensor) -> torch.Tensor:
         pixels = latents.shape[2] * latents.shape[3] * 64
