@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 
-from serve_app.engines.library_internals import on_dynamo_compile
+from serve_app.engines.library_internals import log_recompile_reasons, on_dynamo_compile
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +52,7 @@ class CompileWatch:
 
     def install(self) -> "CompileWatch":
         on_dynamo_compile(self._start, self._end)
-        import torch._logging
-
-        torch._logging.set_logs(recompiles=True)  # Dynamo then logs each recompile's failed guard
+        log_recompile_reasons()
         logging.getLogger("torch._dynamo").addHandler(_DynamoLogTap(self))
         return self
 

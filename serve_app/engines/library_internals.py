@@ -162,3 +162,10 @@ def mark_spatial_dims_dynamic(t: torch.Tensor) -> None:
     """Compile `t`'s height and width (dims 2, 3) as symbols, so that one graph serves every size."""
     torch._dynamo.maybe_mark_dynamic(t, 2)
     torch._dynamo.maybe_mark_dynamic(t, 3)
+
+
+def log_recompile_reasons() -> None:
+    """Dynamo logs each recompile's failed guard (what TORCH_LOGS=recompiles turns on)."""
+    import torch._logging
+
+    torch._logging.set_logs(recompiles=True)
