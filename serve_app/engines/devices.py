@@ -34,6 +34,14 @@ def cap_process_memory(gb: float | None, device: torch.device) -> None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, gb * 2**30 / total), device)
 
 
+def process_memory_capped(device: torch.device) -> bool:
+    """Whether this process may use less than all of `device` (`cap_process_memory`)."""
+    if device.type != "cuda":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()  # the getter wants one
+    return torch.cuda.get_per_process_memory_fraction(index) < 1.0
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -20,6 +20,7 @@ import torch
 
 from serve_app.config import DenoiserConfig, ModelConfig
 from serve_app.engines.attention_processor import ZImageAttnProcessor, install_attention_processors
+from serve_app.engines.devices import process_memory_capped
 from serve_app.engines.fp8_linear import quantize_linears_fp8
 from serve_app.engines.library_internals import (
     check_library_versions,
@@ -82,7 +83,7 @@ def build_dit(model_cfg: ModelConfig, cfg: DenoiserConfig, device: torch.device,
     # through CPU memory anyway; random-full weights are drawn on the CPU only when the process is capped
     # (drawing 6B of them there is slower than on the device). An SP rank loads on its device: the weight
     # broadcast runs over the device's collectives.
-    capped = device.type == "cuda" and torch.cuda.get_per_process_memory_fraction(device) < 1.0
+    capped = process_memory_capped(device)
     staged = settings.fp8 and not sharded and device.type != "cpu" and (model_cfg.source != "random-full" or capped)
     transformer = load_transformer(model_cfg, torch.device("cpu") if staged else device, dtype)
     if sharded:  # rank 0's weights everywhere, before anything is applied
