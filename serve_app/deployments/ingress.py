@@ -94,6 +94,7 @@ class ImageIngress:
         self.vae = vae
         self.inflight_images = 0
         self.counters = {"requests": 0, "images": 0, "rejected_429": 0, "rejected_503": 0, "timeouts_504": 0, "worker_died_503": 0, "errors_500": 0}
+        self.draining = False
         self.prompt_limits = PromptLimits(self.cfg)  # the model's own limits: tokenizer, DiT positions
         BodyLimit.max_body_bytes = self.server.max_body_bytes
         configure_openapi(self.cfg, self.prompt_limits.max_tokens)
@@ -146,6 +147,8 @@ class ImageIngress:
         """Readiness from the replicas' published state (serve_app/health.py); never queues on a stage."""
         self.readiness.start()
         ok, reason = self.readiness.ready()
+        if self.draining:
+            ok, reason = False, "shutting down"
         if ok:
             return {"status": "ok"}
         return error_response(APIError(503, f"not ready: {reason}", code="not_ready", type="server_error"))
@@ -153,6 +156,15 @@ class ImageIngress:
     @api.get("/health")
     async def health(self):
         return await self.health_ready()
+
+    # ---- drain (serve_app/serve_run.py calls these on SIGTERM / Ctrl-C before Serve shuts down) ----
+    async def drain(self) -> float:
+        """Stop taking new requests (503 `unavailable`, readiness off); returns how long in-flight ones may take."""
+        self.draining = True
+        return self.server.request_timeout_s
+
+    async def inflight(self) -> int:
+        return self.inflight_images
 
     @api.get("/v1/stats")
     async def stats(self) -> dict:
@@ -170,6 +182,8 @@ class ImageIngress:
         if req.guidance_scale > 0 and req.negative_prompt:
             await asyncio.to_thread(self.prompt_limits.check, req.negative_prompt, "negative_prompt")
         self.prompt_limits.check_size(req.width, req.height)
+        if self.draining:
+            raise APIError(503, "the server is shutting down; retry on another replica", code="unavailable")
         if self.inflight_images + req.n > self.server.max_inflight_images:
             self.counters["rejected_429"] += 1
             raise APIError(429, "the server is at capacity; retry later", code="rate_limit_exceeded")
