@@ -10,7 +10,11 @@ import contextvars
 import logging
 import uuid
 
+import asyncio
+
 from fastapi import FastAPI, Request
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -62,6 +66,25 @@ def internal_error(what: str, e: BaseException) -> APIError:
 
 _HTTP_CODES = {404: ("not_found", "invalid_request_error"), 405: ("method_not_allowed", "invalid_request_error"),
                413: ("request_too_large", "invalid_request_error"), 400: ("invalid_request", "invalid_request_error")}
+
+
+class StageFailed(Exception):
+    """A stage raised on this request (not an overload, a dead worker or a 400): named for the 500."""
+
+    def __init__(self, stage: str, error: BaseException):
+        super().__init__(stage)
+        self.stage, self.error = stage, error
+
+
+async def named_stage(response, stage: str):
+    try:
+        return await response
+    except (APIError, asyncio.CancelledError, RequestCancelledError, BackPressureError, DeploymentUnavailableError, RayActorError):
+        raise
+    except Exception as e:
+        if isinstance(unwrap(e), APIError):
+            raise
+        raise StageFailed(stage, e) from e
 
 
 def too_large(limit: int) -> APIError:

@@ -22,7 +22,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app.body_limit import BodyLimit, BodyLimitMiddleware
 from serve_app.config import AppConfig
-from serve_app.errors import error_response, install_error_handlers, internal_error, unwrap
+from serve_app.errors import StageFailed, error_response, install_error_handlers, internal_error, named_stage, unwrap
 from serve_app.health import Readiness
 from serve_app.image_encoding import encode_image
 from serve_app.openai_api import (
@@ -62,25 +62,6 @@ def _cancel_all(responses: list) -> None:
             r.cancel()
         except Exception:
             pass
-
-
-class StageFailed(Exception):
-    """A stage raised on this request (not an overload, a dead worker or a 400): named for the 500."""
-
-    def __init__(self, stage: str, error: BaseException):
-        super().__init__(stage)
-        self.stage, self.error = stage, error
-
-
-async def _named_stage(response, stage: str):
-    try:
-        return await response
-    except (APIError, asyncio.CancelledError, RequestCancelledError, BackPressureError, DeploymentUnavailableError, RayActorError):
-        raise
-    except Exception as e:
-        if isinstance(unwrap(e), APIError):
-            raise
-        raise StageFailed(stage, e) from e
 
 
 @serve.deployment
@@ -256,7 +237,7 @@ class ImageIngress:
         def call(stage, method, *args):
             r = method.remote(*args)
             responses.append(r)
-            return _named_stage(r, stage)
+            return named_stage(r, stage)
 
         # Each stage is awaited here rather than chained as unresolved responses: Serve checks a stage's
         # max_queued_requests when the call is made and does not count a call still waiting for an
