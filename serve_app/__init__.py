@@ -7,5 +7,9 @@
   sp/              sequence parallelism: one denoiser replica over several GPUs
   openai_api.py    request schema, validation, OpenAI-shaped errors; image_encoding.py: PNG / JPEG / WebP
   stage_messages.py  what the stages pass each other
+  errors.py, body_limit.py, openapi_limits.py, prompt_limits.py  the error contract, the body limit, the
+                   served schema with its limits, the model-derived prompt limit
+  health.py        liveness / readiness from the replicas' published state
+  serve_run.py     `serve run` that refuses a bound port and drains on SIGTERM
   pipeline.py, generate.py  the three engines in one process, and its command line
 """

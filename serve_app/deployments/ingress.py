@@ -210,6 +210,7 @@ class ImageIngress:
             if not ok:  # a failed, timed-out or disconnected request frees its queued downstream work
                 asyncio.get_running_loop().run_in_executor(None, _cancel_all, responses)
         decoded, seeds = images
+        self.readiness.warm = True  # a generation went through every stage: as good as the warm-up
         t_stages = time.perf_counter()
         encoded = await asyncio.gather(*[asyncio.to_thread(encode_image, d.pixels.numpy(), req.output_format, self.server) for d in decoded])
         t_end = time.perf_counter()
