@@ -165,14 +165,15 @@ def _common_env() -> list[dict]:
 
 
 def _readiness_probe() -> dict:
-    # Worker pods join the serve Service only when the app answers GET /health with 200, i.e. every
-    # stage has loaded and warmed up. The probe keeps KubeRay's default checks (raylet health and the
+    # Worker pods join the serve Service only when the app answers GET /health/ready with 200: every
+    # stage has a RUNNING replica (loaded, warmed, passing its health check) and one warm-up generation
+    # went through; answered from published state, so a loaded pod stays ready (serve_app/health.py). The probe keeps KubeRay's default checks (raylet health and the
     # node's Serve proxy), which a custom probe replaces. Not on the head: KubeRay submits
     # serveConfigV2 only once the head pod is Ready, so the head keeps KubeRay's own probe.
     cmd = (
         "wget -T 2 -q -O- http://localhost:52365/api/local_raylet_healthz | grep success"
         f" && wget -T 2 -q -O- http://localhost:{SERVE_PORT}/-/healthz | grep success"
-        f" && wget -T 5 -q -O /dev/null http://localhost:{SERVE_PORT}/health"
+        f" && wget -T 5 -q -O /dev/null http://localhost:{SERVE_PORT}/health/ready"
     )
     return {
         "exec": {"command": ["bash", "-c", cmd]},
@@ -182,6 +183,29 @@ def _readiness_probe() -> dict:
         "failureThreshold": 6,
         "successThreshold": 1,
     }
+
+
+def _liveness_probe() -> dict:
+    # Restart a pod only when its raylet is gone or the app's ingress no longer answers at all
+    # (/health/live touches no stage); a pod that is merely busy or still loading is not restarted.
+    cmd = (
+        "wget -T 2 -q -O- http://localhost:52365/api/local_raylet_healthz | grep success"
+        f" && wget -T 5 -q -O /dev/null http://localhost:{SERVE_PORT}/health/live"
+    )
+    return {
+        "exec": {"command": ["bash", "-c", cmd]},
+        "initialDelaySeconds": 600,  # the first start loads and warms (compiles) every stage
+        "periodSeconds": 20,
+        "timeoutSeconds": 10,
+        "failureThreshold": 6,
+        "successThreshold": 1,
+    }
+
+
+# A deleted pod (downscale, RayService upgrade) gets SIGTERM; Serve's replicas then finish in-flight work
+# within graceful_shutdown_timeout_s (serve_app/config.py: server.request_timeout_s, default 300 s; the
+# ingress 10 s more), so the pod must be given longer than that before SIGKILL.
+TERMINATION_GRACE_S = 330
 
 
 def _volumes(shm: str) -> list[dict]:
@@ -240,9 +264,11 @@ def worker_group(group: WorkerGroup) -> dict:
                 "env": _common_env() + [{"name": "TORCHINDUCTOR_CACHE_DIR", "value": INDUCTOR_CACHE}] + vendor_env(group.vendor),
                 "resources": {"requests": dict(res), "limits": dict(res)},
                 "readinessProbe": _readiness_probe(),
+                "livenessProbe": _liveness_probe(),
                 "volumeMounts": _mounts(),
             }
         ],
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
         "volumes": _volumes(group.shm),
         "tolerations": TOLERATIONS[group.vendor],
     }

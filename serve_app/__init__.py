@@ -9,5 +9,9 @@
   uploads.py       /v1/images/edits uploads: parsing and the hostile-input checks (engines/edit_inputs.py: the
                    size rule, resize and mask as diffusers prepares an edit's inputs)
   stage_messages.py  what the stages pass each other
+  errors.py, body_limit.py, openapi_limits.py, prompt_limits.py  the error contract, the body limit, the
+                   served schema with its limits, the model-derived prompt limit
+  health.py        liveness / readiness from the replicas' published state
+  serve_run.py     `serve run` that refuses a bound port and drains on SIGTERM
   pipeline.py, generate.py  the three engines in one process, and its command line
 """

@@ -96,6 +96,9 @@ class DenoiserConfig(_Strict):
     # only while one image leaves the GPU idle (benchmarks/README.md, "512²"). None: no bound; a larger
     # request runs alone.
     max_batch_pixels: int | None = Field(None, ge=1)
+    # a DiT batch running longer than this counts as wedged: the replica's health check fails, so
+    # /health/ready turns 503 and Serve replaces the replica (serve_app/health.py)
+    max_batch_s: float = Field(600.0, gt=0)
 
     @property
     def sp_degree(self) -> int:
@@ -245,6 +248,10 @@ class ServerConfig(_Strict):
         m = self.size_multiple
         side = -(-max(self.min_size, 64) // m) * m
         return side if side <= self.max_size else self.max_size // m * m
+    max_body_bytes: int = Field(1 << 20, ge=1024)  # larger request bodies get 413 before parsing
+    max_string_chars: int = Field(256, ge=1)  # model, size, user, quality, style (prompts: max_prompt_chars)
+    # how often the ingress re-reads what the replicas publish for /health/ready (Serve's replica states)
+    health_refresh_s: float = Field(1.0, gt=0)
 
     @model_validator(mode="after")
     def _default_size_allowed(self) -> "ServerConfig":
@@ -285,7 +292,10 @@ class AppConfig(_Strict):
             opts: DeploymentOptions = getattr(self, stage)
             given = opts.model_extra or {}
             problems += check_serve_options(given, stage, refused)
-            merged = {**defaults, **given}
+            # drain: on shutdown (SIGTERM, an upgrade, a downscale) a replica stops taking new work and
+            # finishes what it has for up to this long, which is what a request may take
+            grace = self.server.request_timeout_s + (10.0 if stage == "ingress_deployment" else 0.0)
+            merged = {**defaults, "graceful_shutdown_timeout_s": grace, **given}
             if "num_replicas" not in merged and "autoscaling_config" not in merged:
                 merged["num_replicas"] = 1
             opts.__pydantic_extra__ = merged

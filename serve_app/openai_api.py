@@ -82,6 +82,10 @@ def validate_request(req: ImageGenerationRequest, server: ServerConfig, model_na
         raise APIError(400, f"prompt is longer than {server.max_prompt_chars} characters", param="prompt", code="invalid_value")
     if req.negative_prompt is not None and len(req.negative_prompt) > server.max_prompt_chars:
         raise APIError(400, f"negative_prompt is longer than {server.max_prompt_chars} characters", param="negative_prompt", code="invalid_value")
+    for name in ("model", "size", "quality", "style", "user"):
+        value = getattr(req, name)
+        if value is not None and len(value) > server.max_string_chars:
+            raise APIError(400, f"{name} is longer than {server.max_string_chars} characters", param=name, code="invalid_value")
     if req.model is not None and req.model != model_name:
         raise APIError(400, f"unknown model {req.model!r}; this server serves {model_name!r}", param="model", code="model_not_found")
     if not 1 <= req.n <= server.max_n:

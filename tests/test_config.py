@@ -84,6 +84,7 @@ def test_serve_options_reach_options_unchanged():
     # our defaults alone; the ingress has its own
     assert deployment_options(AppConfig().denoiser_deployment, "Denoiser") == {
         "name": "Denoiser", "max_ongoing_requests": 16, "max_queued_requests": 64, "num_replicas": 1,
+        "graceful_shutdown_timeout_s": 300.0,  # server.request_timeout_s: in-flight work may finish on shutdown
         "ray_actor_options": {"runtime_env": {"env_vars": STAGE_ENV_VARS}}}
     ingress = deployment_options(AppConfig.model_validate({"ingress_deployment": {"max_queued_requests": 8}}).ingress_deployment, "Ingress")
     assert (ingress["max_ongoing_requests"], ingress["max_queued_requests"]) == (256, 8)

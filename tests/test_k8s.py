@@ -278,7 +278,10 @@ def test_pods_read_weights_from_the_pvc_and_get_ready_on_health(path):
         assert claim == pvc["metadata"]["name"]
         assert {m["name"]: m["mountPath"] for m in c["volumeMounts"]}["model-cache"] == "/models"
         probe = " ".join(c["readinessProbe"]["exec"]["command"])
-        assert "localhost:8000/health" in probe and "/-/healthz" in probe and "local_raylet_healthz" in probe
+        assert "localhost:8000/health/ready" in probe and "/-/healthz" in probe and "local_raylet_healthz" in probe
+        live = " ".join(c["livenessProbe"]["exec"]["command"])
+        assert "localhost:8000/health/live" in live and "local_raylet_healthz" in live
+        assert spec["terminationGracePeriodSeconds"] > 300  # longer than the replicas' drain (request_timeout_s)
         assert c["resources"]["requests"] == c["resources"]["limits"]  # Guaranteed QoS: no GPU pod gets evicted first
         vendor = group["labels"]["gpu-vendor"]
         if vendor == "nvidia":

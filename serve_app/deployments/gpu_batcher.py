@@ -7,6 +7,9 @@ Here the next batch is formed when the GPU thread is free: after the first reque
 whether a batch that starts with `item` waits at all (the DiT: only when other images are on their way,
 so a lone request starts at once).
 
+A batch whose `fn` raises is run again item by item, so that only the item that fails gets the error and
+its batch-mates their results (a request that fails inside a batch never fails the others).
+
 `cost_fn` / `max_batch_cost` bound a batch by work rather than count (the DiT: pixels per batch), since
 batching only pays while one item leaves the GPU idle. The first item of a batch always runs, whatever
 its cost.
@@ -33,6 +36,7 @@ class GpuBatcher:
         self._queue: asyncio.Queue | None = None
         self._held: tuple | None = None  # an item that did not fit the last batch: first in the next
         self._loop_task: asyncio.Task | None = None
+        self.isolated_retries = 0  # batches that failed and were rerun item by item
 
     def _fits(self, batch: list, item: tuple) -> bool:
         if self.cost_fn is None or self.max_batch_cost is None:
@@ -80,10 +84,28 @@ class GpuBatcher:
             try:
                 results = await loop.run_in_executor(self.executor, self.fn, [item for item, _ in batch])
             except Exception as e:
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(e)
+                if len(batch) == 1:
+                    _settle(batch[0][1], exception=e)
+                    continue
+                self.isolated_retries += 1
+                for item, fut in batch:  # isolate the failure: each item alone
+                    if fut.done():
+                        continue
+                    try:
+                        [result] = await loop.run_in_executor(self.executor, self.fn, [item])
+                    except Exception as item_error:
+                        _settle(fut, exception=item_error)
+                    else:
+                        _settle(fut, result=result)
                 continue
             for (_, fut), result in zip(batch, results):
-                if not fut.done():
-                    fut.set_result(result)
+                _settle(fut, result=result)
+
+
+def _settle(fut: asyncio.Future, result: Any = None, exception: BaseException | None = None) -> None:
+    if fut.done():
+        return
+    if exception is not None:
+        fut.set_exception(exception)
+    else:
+        fut.set_result(result)

@@ -21,15 +21,16 @@ import time
 
 from dataclasses import dataclass
 
-from fastapi import FastAPI, File, Form, Request, UploadFile
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, File, Form, UploadFile
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 from ray.serve.handle import DeploymentHandle
 
+from serve_app.body_limit import BodyLimit, BodyLimitMiddleware
 from serve_app.config import AppConfig
+from serve_app.errors import StageFailed, error_response, install_error_handlers, internal_error, named_stage, unwrap
+from serve_app.health import Readiness
 from serve_app.image_encoding import encode_image
 from serve_app.openai_api import (
     APIError,
@@ -41,6 +42,9 @@ from serve_app.openai_api import (
     validate_request,
     warmup_size,
 )
+from serve_app.openapi_limits import configure as configure_openapi
+from serve_app.openapi_limits import install_openapi
+from serve_app.prompt_limits import PromptLimits
 from serve_app.stage_messages import DenoiseRequest, ImageToEncode
 from serve_app.uploads import load_edit_inputs, output_size
 
@@ -53,19 +57,11 @@ api = FastAPI(
 )
 
 
-@api.exception_handler(APIError)
-async def _api_error(_: Request, e: APIError):
-    return JSONResponse(status_code=e.status, content=e.body())
-
-
-@api.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, e: RequestValidationError):
-    err = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
-    if err.get("type") == "json_invalid":
-        return JSONResponse(status_code=400, content=APIError(400, "the request body is not valid JSON", code="invalid_json").body())
-    param = param_from_pydantic_loc(tuple(err.get("loc", ())))
-    msg = f"{param}: {err.get('msg')}" if param else str(err.get("msg"))
-    return JSONResponse(status_code=400, content=APIError(400, msg, param=param, code="invalid_value").body())
+# Every non-2xx answer OpenAI-shaped, with a request id (serve_app/errors.py); the body-size limit before
+# any parsing (serve_app/body_limit.py; the ingress sets the limit from its config).
+install_error_handlers(api)
+api.add_middleware(BodyLimitMiddleware, limits=BodyLimit)
+install_openapi(api)  # the schema as served: 400s, every limit, from the config (serve_app/openapi_limits.py)
 
 
 @dataclass
@@ -101,7 +97,18 @@ class ImageIngress:
         self.vae = vae
         self.inflight_images = 0
         self.counters = {"requests": 0, "images": 0, "rejected_429": 0, "rejected_503": 0, "timeouts_504": 0, "worker_died_503": 0, "errors_500": 0}
-        self._warm = False
+        self.draining = False
+        self.prompt_limits = PromptLimits(self.cfg)  # the model's own limits: tokenizer, DiT positions
+        BodyLimit.max_body_bytes = self.server.max_body_bytes
+        configure_openapi(self.cfg, self.prompt_limits.max_tokens)
+        self.readiness = Readiness(self.server.health_refresh_s, self._warmup if self.server.warmup else None)
+        try:
+            self.readiness.start()
+        except RuntimeError:  # no running loop in the constructor: started by the first request
+            pass
+
+    async def _warmup(self) -> None:
+        await self._generate(ImageGenerationRequest(prompt="warm-up", size=warmup_size(self.server), num_inference_steps=1, seed=0))
 
     # ---- the Python handle API -------------------------------------------------------------
     async def generate(self, prompt: str, **params) -> dict:
@@ -188,26 +195,41 @@ class ImageIngress:
     async def models(self) -> dict:
         return {"object": "list", "data": [{"id": self.cfg.model.name, "object": "model", "created": 0, "owned_by": "serve_app"}]}
 
+    @api.get("/health/live")
+    async def health_live(self) -> dict:
+        """Liveness: the ingress answers. Touches no stage."""
+        self.readiness.start()
+        return {"status": "ok"}
+
+    @api.get("/health/ready")
+    async def health_ready(self):
+        """Readiness from the replicas' published state (serve_app/health.py); never queues on a stage."""
+        self.readiness.start()
+        ok, reason = self.readiness.ready()
+        if self.draining:
+            ok, reason = False, "shutting down"
+        if ok:
+            return {"status": "ok"}
+        return error_response(APIError(503, f"not ready: {reason}", code="not_ready", type="server_error"))
+
     @api.get("/health")
     async def health(self):
-        try:
-            await asyncio.wait_for(
-                asyncio.gather(self.text_encoder.ready.remote(), self.denoiser.ready.remote(), self.vae.ready.remote()), timeout=10
-            )
-        except Exception as e:
-            return JSONResponse(status_code=503, content={"status": "starting", "detail": repr(e)[:300]})
-        if self.server.warmup and not self._warm:
-            try:
-                await self._generate(ImageGenerationRequest(prompt="warm-up", size=warmup_size(self.server), num_inference_steps=1, seed=0))
-                self._warm = True
-            except Exception as e:
-                return JSONResponse(status_code=503, content={"status": "warming up", "detail": repr(e)[:300]})
-        return {"status": "ok"}
+        return await self.health_ready()
+
+    # ---- drain (serve_app/serve_run.py calls these on SIGTERM / Ctrl-C before Serve shuts down) ----
+    async def drain(self) -> float:
+        """Stop taking new requests (503 `unavailable`, readiness off); returns how long in-flight ones may take."""
+        self.draining = True
+        return self.server.request_timeout_s
+
+    async def inflight(self) -> int:
+        return self.inflight_images
 
     @api.get("/v1/stats")
     async def stats(self) -> dict:
         te, dn, vae = await asyncio.gather(self.text_encoder.stats.remote(), self.denoiser.stats.remote(), self.vae.stats.remote())
-        return {"ingress": {**self.counters, "inflight_images": self.inflight_images}, "text_encoder": te, "denoiser": dn, "vae": vae}
+        return {"ingress": {**self.counters, "inflight_images": self.inflight_images, "readiness": self.readiness.body()},
+                "text_encoder": te, "denoiser": dn, "vae": vae}
 
     # ---- the pipeline ----------------------------------------------------------------------
     async def _edit(self, body: ImageEditRequest, upload: EditUpload) -> dict:
@@ -222,6 +244,14 @@ class ImageIngress:
             req = validate_request(body, self.server, self.cfg.model.name, dn_cfg.max_steps, dn_cfg.default_steps)
         else:
             req = validate_edit_request(body, self.server, self.cfg.model.name, dn_cfg.max_steps, dn_cfg.default_steps, edit.mask is not None)
+        # the model's own limits, per request, before any stage: a prompt that would fail inside a batch
+        # (untokenisable, or past the DiT's position tables) is this request's 400 alone
+        await asyncio.to_thread(self.prompt_limits.check, req.prompt, "prompt")
+        if req.guidance_scale > 0 and req.negative_prompt:
+            await asyncio.to_thread(self.prompt_limits.check, req.negative_prompt, "negative_prompt")
+        self.prompt_limits.check_size(req.width, req.height)
+        if self.draining:
+            raise APIError(503, "the server is shutting down; retry on another replica", code="unavailable")
         if self.inflight_images + req.n > self.server.max_inflight_images:
             self.counters["rejected_429"] += 1
             raise APIError(429, "the server is at capacity; retry later", code="rate_limit_exceeded")
@@ -242,8 +272,11 @@ class ImageIngress:
         except DeploymentUnavailableError:
             self.counters["rejected_503"] += 1
             raise APIError(503, "a model stage is unavailable; retry later", code="unavailable") from None
-        except (APIError, asyncio.CancelledError, RequestCancelledError):
+        except (asyncio.CancelledError, RequestCancelledError):
             raise
+        except APIError as e:  # ours, or a stage's (a per-item check there), which Ray wraps: re-raised plain
+            inner = unwrap(e)
+            raise APIError(inner.status, inner.message, inner.param, inner.code, inner.type) from None
         except RayActorError as e:
             # A stage's process died under this request: a replica, or one rank of an SP denoiser group
             # (the replica re-raises the rank's ActorDiedError at once; Serve's health check then
@@ -253,15 +286,18 @@ class ImageIngress:
             raise APIError(
                 503, "a model worker died during this request; the stage is being restarted, retry", code="worker_died", type="server_error"
             ) from None
+        except StageFailed as e:
+            self.counters["errors_500"] += 1
+            raise internal_error(f"the {e.stage} stage failed on this request", e.error) from None
         except Exception as e:
             self.counters["errors_500"] += 1
-            log.exception("generation failed")
-            raise APIError(500, f"generation failed: {type(e).__name__}: {str(e)[:300]}", code="internal_error") from None
+            raise internal_error("generation failed", e) from None
         finally:
             self.inflight_images -= req.n
             if not ok:  # a failed, timed-out or disconnected request frees its queued downstream work
                 asyncio.get_running_loop().run_in_executor(None, _cancel_all, responses)
         decoded, seeds = images
+        self.readiness.warm = True  # a generation went through every stage: as good as the warm-up
         t_stages = time.perf_counter()
         encoded = await asyncio.gather(*[asyncio.to_thread(encode_image, d.pixels.numpy(), req.output_format, self.server) for d in decoded])
         t_end = time.perf_counter()
@@ -286,10 +322,10 @@ class ImageIngress:
         first_seed = req.seed if req.seed is not None else random.randrange(2**62)
         seeds = [first_seed + i for i in range(req.n)]
 
-        def call(method, *args):
+        def call(stage, method, *args):
             r = method.remote(*args)
             responses.append(r)
-            return r
+            return named_stage(r, stage)
 
         # Each stage is awaited here rather than chained as unresolved responses: Serve checks a stage's
         # max_queued_requests when the call is made and does not count a call still waiting for an
@@ -299,11 +335,11 @@ class ImageIngress:
             if edit is None:
                 return None, None
             inputs = await asyncio.to_thread(load_edit_inputs, edit.image, edit.mask, req.width, req.height, self.server)
-            return await call(self.vae.encode, ImageToEncode(pixels=inputs.pixels, seeds=seeds)), inputs.mask
+            return await call("VAE encoder", self.vae.encode, ImageToEncode(pixels=inputs.pixels, seeds=seeds)), inputs.mask
 
-        encodes = [call(self.text_encoder.encode, req.prompt)]
+        encodes = [call("text encoder", self.text_encoder.encode, req.prompt)]
         if req.guidance_scale > 0:
-            encodes.append(call(self.text_encoder.encode, req.negative_prompt or ""))
+            encodes.append(call("text encoder", self.text_encoder.encode, req.negative_prompt or ""))
         *encoded, (image_latents, mask) = await asyncio.gather(*encodes, encode_image_latents())
         prompt, negative = encoded[0], (encoded[1] if len(encoded) > 1 else None)
         text_encoder_s = sum(e.timings.get("text_encoder_s", 0.0) for e in encoded)
@@ -316,8 +352,8 @@ class ImageIngress:
             )
             if image_latents is not None:
                 request.image_latents, request.strength, request.mask = image_latents.latents[i], req.strength, mask
-            latents = await call(self.denoiser.denoise, request)
-            decoded = await call(self.vae.decode, latents)
+            latents = await call("denoiser", self.denoiser.denoise, request)
+            decoded = await call("VAE decoder", self.vae.decode, latents)
             decoded.timings["text_encoder_s"] = text_encoder_s
             return decoded
 

@@ -14,6 +14,7 @@ import torch
 from ray import serve
 
 from serve_app.config import AppConfig
+from serve_app.deployments.isolation import run_isolated, unwrap
 from serve_app.deployments.stage_stats import StageStats
 from serve_app.engines.vae import VaeEngine
 from serve_app.stage_messages import DecodedImage, DenoisedLatents, EncodedImage, ImageToEncode
@@ -29,26 +30,36 @@ class VaeDecoderDeployment:
             lambda engine: [engine.decode([torch.zeros(16, h // 8, w // 8)]) for h, w in sizes],
             cfg.vae_deployment.gpu_memory_gb,
         )
-        self.decode.set_max_batch_size(cfg.vae_deployment.max_batch_size)
-        self.decode.set_batch_wait_timeout_s(cfg.vae_deployment.batch_wait_timeout_s)
-        self.encode.set_max_batch_size(cfg.vae_deployment.max_batch_size)
-        self.encode.set_batch_wait_timeout_s(cfg.vae_deployment.batch_wait_timeout_s)
+        self.latent_channels = int(self.engine.vae.config.latent_channels)
+        self._decode_batch.set_max_batch_size(cfg.vae_deployment.max_batch_size)
+        self._decode_batch.set_batch_wait_timeout_s(cfg.vae_deployment.batch_wait_timeout_s)
+        self._encode_batch.set_max_batch_size(cfg.vae_deployment.max_batch_size)
+        self._encode_batch.set_batch_wait_timeout_s(cfg.vae_deployment.batch_wait_timeout_s)
 
     def _decode(self, items: list[DenoisedLatents]) -> list[DecodedImage]:
         images, dt = self.stats_.timed(self.engine.decode, [it.latents for it in items])
         return [DecodedImage(pixels=img, timings={**it.timings, "vae_s": dt}) for it, img in zip(items, images)]
 
+    async def decode(self, item: DenoisedLatents) -> DecodedImage:
+        lat = item.latents  # checked per item before it joins a batch
+        if lat.ndim != 3 or lat.shape[0] != self.latent_channels:
+            raise ValueError(f"latents must be [{self.latent_channels}, h, w], got {tuple(lat.shape)}")
+        return unwrap(await self._decode_batch(item))
+
     @serve.batch
-    async def decode(self, items: list[DenoisedLatents]) -> list[DecodedImage]:
-        return await asyncio.to_thread(self._decode, items)
+    async def _decode_batch(self, items: list[DenoisedLatents]) -> list:
+        return await asyncio.to_thread(run_isolated, self._decode, items)
 
     def _encode(self, items: list[ImageToEncode]) -> list[EncodedImage]:
         latents, dt = self.stats_.timed(lambda its: self.engine.encode([it.pixels for it in its], [it.seeds for it in its]), items)
         return [EncodedImage(latents=lat, timings={"vae_encode_s": dt}) for lat in latents]
 
+    async def encode(self, item: ImageToEncode) -> EncodedImage:
+        return unwrap(await self._encode_batch(item))
+
     @serve.batch
-    async def encode(self, items: list[ImageToEncode]) -> list[EncodedImage]:
-        return await asyncio.to_thread(self._encode, items)
+    async def _encode_batch(self, items: list[ImageToEncode]) -> list:
+        return await asyncio.to_thread(run_isolated, self._encode, items)
 
     def stats(self) -> dict:
         return self.stats_.snapshot()

@@ -95,6 +95,26 @@ def group_by_shape(requests: list[DenoiseRequest], same_caption_length: bool = F
     return dict(groups)
 
 
+def position_limits(transformer_config: dict) -> tuple[int, int, int]:
+    """(caption tokens, latent-patch rows, latent-patch columns) that the DiT's RoPE tables hold.
+
+    A caption of L tokens is padded to a multiple of CAPTION_PAD and takes positions 1..L' on the first
+    axis; the image then sits at position L' + 1 on it; rows and columns take 0..H-1 / 0..W-1 on the
+    others. Past these, diffusers indexes out of its tables (IndexError inside the forward)."""
+    first, rows, cols = transformer_config["axes_lens"]
+    return (first - 2) // CAPTION_PAD * CAPTION_PAD, rows, cols
+
+
+def check_positions(r: DenoiseRequest, limits: tuple[int, int, int]) -> None:
+    """Raise ValueError for a request the DiT's position tables cannot hold."""
+    max_tokens, rows, cols = limits
+    for what, e in (("prompt", r.embeds), ("negative prompt", r.negative_embeds)):
+        if e is not None and e.shape[0] > max_tokens:
+            raise ValueError(f"the {what} is {e.shape[0]} tokens; the model takes at most {max_tokens}")
+    if r.height // PIXELS_PER_LATENT_PATCH > rows or r.width // PIXELS_PER_LATENT_PATCH > cols:
+        raise ValueError(f"the model takes images of at most {rows * PIXELS_PER_LATENT_PATCH}x{cols * PIXELS_PER_LATENT_PATCH} (HxW)")
+
+
 class DenoiserStats:
     """Counters a test or the stats endpoint can read: how many DiT forwards ran, and at what batch."""
 
@@ -141,6 +161,7 @@ class DenoiserEngine:
         self.scheduler_config = load_scheduler_config(model_cfg)
         self.in_channels = self.transformer.config.in_channels
         self.cap_feat_dim = self.transformer.config.cap_feat_dim
+        self.position_limits = position_limits(dict(self.transformer.config))
         self._stats = DenoiserStats()
         self.same_caption_length_batches = self.build.sp is not None and cfg.sp_same_caption_length_batches
 
@@ -186,6 +207,9 @@ class DenoiserEngine:
                 raise ValueError(f"strength {r.strength} with {r.steps} steps runs no step")
         if r.mask is not None and (r.image_latents is None or tuple(r.mask.shape) != latent_hw):
             raise ValueError(f"mask must be {latent_hw} and come with image_latents")
+        if r.negative_embeds is not None and (r.negative_embeds.ndim != 2 or r.negative_embeds.shape[1] != self.cap_feat_dim):
+            raise ValueError(f"negative_embeds must be [tokens, {self.cap_feat_dim}], got {tuple(r.negative_embeds.shape)}")
+        check_positions(r, self.position_limits)
 
     @torch.no_grad()
     def denoise(self, requests: list[DenoiseRequest]) -> list[torch.Tensor]:

@@ -9,6 +9,7 @@ where weights cannot be downloaded.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from pathlib import Path
 
 import torch
@@ -83,6 +84,17 @@ def load_transformer(cfg: ModelConfig, device: torch.device, dtype: torch.dtype)
         pretrained_root(cfg), dtype=dtype, **_pretrained_kwargs(cfg, "transformer")
     )
     return model.to(device).eval().requires_grad_(False)
+
+
+def load_transformer_config(cfg: ModelConfig) -> dict:
+    """The DiT's configuration alone (no weights): what its position tables allow (`axes_lens`)."""
+    from diffusers import ZImageTransformer2DModel
+
+    if cfg.source == "random-full":
+        defaults = {k: v.default for k, v in inspect.signature(ZImageTransformer2DModel.__init__).parameters.items()
+                    if v.default is not inspect.Parameter.empty}
+        return {**defaults, **FULL_TRANSFORMER_CONFIG}
+    return dict(ZImageTransformer2DModel.load_config(pretrained_root(cfg), **_pretrained_kwargs(cfg, "transformer")))
 
 
 def load_vae(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):

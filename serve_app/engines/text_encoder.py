@@ -20,6 +20,13 @@ from serve_app.engines.text_encoder_graphs import EncoderGraphs
 log = logging.getLogger(__name__)
 
 
+def chat_templated(tokenizer, prompt: str) -> str:
+    """The prompt as Z-Image feeds it to Qwen3 (chat template, thinking enabled)."""
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True, enable_thinking=True
+    )
+
+
 class TextEncoderEngine:
     def __init__(self, model_cfg: ModelConfig, cfg: TextEncoderConfig):
         self.cfg = cfg
@@ -45,9 +52,7 @@ class TextEncoderEngine:
             self.graphs = EncoderGraphs(self.model, cfg.skip_last_layer, pad_id, cfg.cuda_graph_max_batch)
 
     def _templated(self, prompt: str) -> str:
-        return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True, enable_thinking=True
-        )
+        return chat_templated(self.tokenizer, prompt)
 
     def count_tokens(self, prompt: str) -> int:
         return len(self.tokenizer(self._templated(prompt)).input_ids)
