@@ -104,7 +104,8 @@ class Soak:
         try:
             if kind == "disconnect":  # the client gives up long before the server answers
                 await asyncio.wait_for(client.post(self.base + "/v1/images/generations", content=content, headers=headers),
-                                       timeout=self.rng.uniform(0.05, 1.0))
+                                       timeout=self.rng.uniform(0.005, 0.05))
+                return 0  # answered before the client left (the timeout is shorter than any request)
             else:
                 r = await client.post(self.base + "/v1/images/generations", content=content, headers=headers, timeout=2 * self.timeout_s)
                 code = r.status_code
@@ -171,9 +172,13 @@ class Soak:
             stop_at = self.t_start + self.args.duration_s
             tasks = []
             killer = asyncio.ensure_future(self.killer(client, stop_at))
+            # every k-th request disconnects (k = 1 / disconnect_fraction), so even a short soak has some
+            every = max(1, round(1 / self.args.disconnect_fraction)) if self.args.disconnect_fraction > 0 else 0
             while time.monotonic() < stop_at:
-                u = self.rng.random()
-                kind = "bad" if u < self.args.bad_fraction else "disconnect" if u < self.args.bad_fraction + self.args.disconnect_fraction else "good"
+                if every and len(tasks) % every == every - 1:
+                    kind = "disconnect"
+                else:
+                    kind = "bad" if self.rng.random() < self.args.bad_fraction else "good"
                 tasks.append(asyncio.ensure_future(self.one(client, kind)))
                 await asyncio.sleep(self.rng.expovariate(rate))
             await killer

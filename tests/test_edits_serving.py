@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.test_uploads import encode as png
+
 PORT = 18533
 BASE = f"http://127.0.0.1:{PORT}"
 MAX_UPLOAD_BYTES = 150_000
@@ -33,12 +35,6 @@ def tiny_args(tiny_dir) -> dict:
         "vae_deployment": {"ray_actor_options": {"num_cpus": 0.1}, "max_batch_size": 4},
         "ingress_deployment": {"ray_actor_options": {"num_cpus": 0.1}},
     }
-
-
-def png(img: Image.Image, fmt="PNG", **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kw)
-    return buf.getvalue()
 
 
 def photo(w=100, h=70) -> Image.Image:

@@ -11,8 +11,7 @@ import sys
 import httpx
 import pytest
 
-from tests.test_reliability import _wait
-from tests.test_serving import tiny_args
+from tests.test_reliability import tiny_serve_app
 
 PORT = 18960
 BASE = f"http://127.0.0.1:{PORT}"
@@ -29,19 +28,8 @@ def _schemathesis_env() -> dict | None:
 
 @pytest.fixture(scope="module")
 def serve_app(tiny_dir):
-    import ray
-    from ray import serve
-
-    from serve_app.app import build_app
-
-    ray.init(num_cpus=4, include_dashboard=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    args = tiny_args(tiny_dir, server={"max_n": 2, "max_size": 128, "default_size": "64x64"}, denoiser={"max_steps": 4, "default_steps": 2})
-    serve.run(build_app(args), name="z-image", route_prefix="/", blocking=False)
-    _wait(lambda: httpx.get(BASE + "/health/ready", timeout=30).status_code == 200, 240, "ready")
-    yield serve
-    serve.shutdown()
-    ray.shutdown()
+    with tiny_serve_app(tiny_dir, PORT, server={"max_n": 2, "max_size": 128, "default_size": "64x64"}, denoiser={"max_steps": 4, "default_steps": 2}) as serve:
+        yield serve
 
 
 def test_schemathesis_finds_no_5xx_and_no_hang(serve_app, tmp_path):

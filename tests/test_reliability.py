@@ -2,6 +2,7 @@
 readiness apart from liveness and from the stages' queues, one OpenAI-shaped error contract with a body
 limit and a schema that states the limits, a bound port refused at start."""
 
+import contextlib
 import concurrent.futures
 import json
 import os
@@ -269,3 +270,23 @@ def test_sigterm_drains_requests_in_flight(tmp_path, tiny_dir):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def tiny_serve_app(tiny_dir, port: int, **overrides):
+    """This module's pattern for one file's own server: a fresh Ray, Serve on `port`, the tiny app with
+    `overrides` (tests.test_serving.tiny_args), ready before the tests run."""
+    import ray
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    ray.init(num_cpus=4, include_dashboard=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(tiny_args(tiny_dir, **overrides)), name="z-image", route_prefix="/", blocking=False)
+        _wait(lambda: httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=30).status_code == 200, 240, "ready")
+        yield serve
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -8,8 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.test_reliability import _wait
-from tests.test_serving import tiny_args
+from tests.test_reliability import _wait, tiny_serve_app
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import soak  # noqa: E402
@@ -20,19 +19,8 @@ BASE = f"http://127.0.0.1:{PORT}"
 
 @pytest.fixture(scope="module")
 def serve_app(tiny_dir):
-    import ray
-    from ray import serve
-
-    from serve_app.app import build_app
-
-    ray.init(num_cpus=4, include_dashboard=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    args = tiny_args(tiny_dir, server={"request_timeout_s": 120, "max_inflight_images": 8})
-    serve.run(build_app(args), name="z-image", route_prefix="/", blocking=False)
-    _wait(lambda: httpx.get(BASE + "/health/ready", timeout=30).status_code == 200, 240, "ready")
-    yield serve
-    serve.shutdown()
-    ray.shutdown()
+    with tiny_serve_app(tiny_dir, PORT, server={"request_timeout_s": 120, "max_inflight_images": 8}) as serve:
+        yield serve
 
 
 def test_short_soak_with_a_replica_kill(serve_app, tmp_path):
