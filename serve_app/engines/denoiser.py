@@ -172,10 +172,11 @@ class DenoiserEngine:
         return {**self.build.as_dict(), "device": str(self.device), "compile_cache_dir": self.compile_cache_dir}
 
     def check_health(self) -> None:
-        pass
+        """Nothing to check beyond this process being alive (Serve's own health check covers that); an SP
+        group checks its ranks here."""
 
     def shutdown(self) -> None:
-        pass
+        """Nothing to release: the weights go with the process; an SP group kills its rank actors here."""
 
     def _scheduler(self, steps: int, image_seq_len: int, start_step: int = 0):
         from diffusers import FlowMatchEulerDiscreteScheduler
