@@ -1,6 +1,7 @@
-"""A request-body size limit (`server.max_body_bytes`) in front of the routes: a declared
-Content-Length over it is refused at once, a chunked body as soon as it has sent more; both with 413
-and an OpenAI-shaped error, before anything is parsed."""
+"""A request-body size limit in front of the routes: `server.max_body_bytes` for JSON bodies, and room
+for an image and a mask of `server.max_upload_bytes` each on top of it for multipart uploads
+(/v1/images/edits). A declared Content-Length over the limit is refused at once, a chunked body as soon
+as it has sent more; both with 413 and an OpenAI-shaped error, before anything is parsed."""
 
 from __future__ import annotations
 
@@ -18,21 +19,26 @@ class BodyLimit:
     so that Serve's pickled copy of the app shares it by reference."""
 
     max_body_bytes: int | None = None
+    max_multipart_bytes: int | None = None
 
 
 class BodyLimitMiddleware:
     """Pure ASGI (so that it sees the body before FastAPI reads it). `limits` is any object whose
-    `max_body_bytes` is read per request: the ingress sets it from its config at start."""
+    `max_body_bytes` and `max_multipart_bytes` are read per request: the ingress sets them at start."""
 
     def __init__(self, app, limits):
         self.app = app
         self.limits = limits
 
     async def __call__(self, scope, receive, send):
-        limit = getattr(self.limits, "max_body_bytes", None)
-        if scope["type"] != "http" or not limit:
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        for name, value in scope.get("headers") or []:
+        headers = scope.get("headers") or []
+        multipart = any(n == b"content-type" and v.lower().startswith(b"multipart/form-data") for n, v in headers)
+        limit = getattr(self.limits, "max_multipart_bytes" if multipart else "max_body_bytes", None)
+        if not limit:
+            return await self.app(scope, receive, send)
+        for name, value in headers:
             if name == b"content-length":
                 try:
                     declared = int(value)

@@ -248,7 +248,8 @@ class ServerConfig(_Strict):
         m = self.size_multiple
         side = -(-max(self.min_size, 64) // m) * m
         return side if side <= self.max_size else self.max_size // m * m
-    max_body_bytes: int = Field(1 << 20, ge=1024)  # larger request bodies get 413 before parsing
+    # larger JSON bodies get 413 before parsing; multipart uploads may add two files of max_upload_bytes
+    max_body_bytes: int = Field(1 << 20, ge=1024)
     max_string_chars: int = Field(256, ge=1)  # model, size, user, quality, style (prompts: max_prompt_chars)
     # how often the ingress re-reads what the replicas publish for /health/ready (Serve's replica states)
     health_refresh_s: float = Field(1.0, gt=0)

@@ -136,6 +136,19 @@ def test_every_error_is_openai_shaped(serve_app):
 
     _assert_openai_error(httpx.post(BASE + "/v1/images/generations", content=chunks(), headers={"content-type": "application/json"}),
                          413, "request_too_large")
+    # a multipart upload may be larger than max_body_bytes (a 1024² PNG is megabytes): room for an image and
+    # a mask of server.max_upload_bytes each; its fields still go through the same validation
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(buf, "PNG")
+    assert len(buf.getvalue()) > 3 * 65536
+    edit = httpx.post(BASE + "/v1/images/edits", files={"image": ("big.png", buf.getvalue(), "image/png")},
+                      data={"prompt": "x", "size": "64x64", "num_inference_steps": "1"}, timeout=120)
+    assert edit.status_code == 200, edit.text
     # the server still serves
     assert _post({"prompt": "after", "size": "64x64", "num_inference_steps": 1}).status_code == 200
 

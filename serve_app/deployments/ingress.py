@@ -100,6 +100,7 @@ class ImageIngress:
         self.draining = False
         self.prompt_limits = PromptLimits(self.cfg)  # the model's own limits: tokenizer, DiT positions
         BodyLimit.max_body_bytes = self.server.max_body_bytes
+        BodyLimit.max_multipart_bytes = self.server.max_body_bytes + 2 * self.server.max_upload_bytes  # image + mask
         configure_openapi(self.cfg, self.prompt_limits.max_tokens)
         self.readiness = Readiness(self.server.health_refresh_s, self._warmup if self.server.warmup else None)
         try:
