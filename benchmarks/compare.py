@@ -63,6 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", default="diffusers,pipeline,server", help="comma-separated subset of " + ",".join(PARTS))
     p.add_argument("--size", default="1024x1024", help="WIDTHxHEIGHT")
     p.add_argument("--sizes", default=None, help="part `sizes`: comma-separated WIDTHxHEIGHT (default: the Space's 18)")
+    p.add_argument("--sizes-n", type=int, default=1, help="part `sizes`: images per request (n)")
     p.add_argument("--steps", type=int, default=8, help="num_inference_steps = DiT forwards")
     p.add_argument("--runs", type=int, default=5, help="timed runs of diffusers and of the in-process pipeline")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs before those")
@@ -351,9 +352,9 @@ def run_sizes(serve_cfg: dict, a: argparse.Namespace) -> dict:
         out["sizes"] = []
         with httpx.Client(timeout=600.0) as client:
             for size in sizes:
-                entry: dict[str, Any] = {"size": size}
+                entry: dict[str, Any] = {"size": size, "n": a.sizes_n}
                 for which in ("first", "second"):
-                    body = {"prompt": "a lighthouse on a cliff at dawn, detailed", "size": size, "seed": 1,
+                    body = {"prompt": "a lighthouse on a cliff at dawn, detailed", "size": size, "seed": 1, "n": a.sizes_n,
                             "num_inference_steps": a.steps, "output_format": a.output_format}
                     t = time.perf_counter()
                     r = client.post(base + "/v1/images/generations", json=body)

@@ -13,7 +13,8 @@ reports for the stage (so it must run on the server's machine).
 Reports per status code (and error code) counts, latency percentiles of 200s, requests with no answer
 within 2x the server's request timeout (`hung`), transport errors that were not our own disconnects
 (`lost`), and the memory (RSS) of every Ray process before and after. Exits 1 on any lost or hung
-request and on any 5xx other than `worker_died` / `unavailable`.
+request, on any 5xx other than `worker_died` / `unavailable`, and on any error body that is not OpenAI's
+error object or carries internals (tracebacks, pids, addresses, actor ids).
 """
 
 from __future__ import annotations
@@ -32,6 +33,19 @@ import time
 import httpx
 
 ALLOWED_5XX = {"worker_died", "unavailable"}
+LEAKS = ("Traceback", "pid=", "ip=", "actor_id", "\x1b[", "object at 0x")  # internals no error body may carry
+
+
+def error_problem(r: httpx.Response) -> str | None:
+    """What is wrong with a non-2xx answer's body, if anything: it must be OpenAI's error object
+    ({"error": {"message", "type", "param", "code"}}) and carry nothing internal."""
+    try:
+        err = r.json()["error"]
+        assert isinstance(err, dict) and {"message", "type", "param", "code"} <= set(err) and isinstance(err["message"], str)
+    except Exception:
+        return f"{r.status_code} not OpenAI-shaped: {r.text[:200]}"
+    leaked = [s for s in LEAKS if s in r.text]
+    return f"{r.status_code} leaks {leaked}: {r.text[:200]}" if leaked else None
 GOOD_PROMPTS = ["a red fox in the snow", "a lighthouse at dawn", "a bowl of ramen, studio light", "an owl on a branch at night"]
 
 
@@ -82,6 +96,7 @@ class Soak:
         self.disconnects = 0
         self.bad_5xx: list[str] = []
         self.kills: list[dict] = []
+        self.malformed: list[str] = []  # error bodies that are not OpenAI-shaped or leak internals
 
     async def setup(self, client: httpx.AsyncClient) -> None:
         schema = (await client.get(self.base + "/openapi.json")).json()
@@ -109,7 +124,10 @@ class Soak:
             else:
                 r = await client.post(self.base + "/v1/images/generations", content=content, headers=headers, timeout=2 * self.timeout_s)
                 code = r.status_code
-                err = r.json().get("error", {}).get("code") if code != 200 else None
+                problem = error_problem(r) if code != 200 else None
+                err = r.json()["error"].get("code") if code != 200 and problem is None else None
+                if problem and not measure:
+                    self.malformed.append(problem)
                 if not measure:
                     self.codes[f"{code}" + (f" {err}" if err else "")] += 1
                     if code == 200:
@@ -194,11 +212,12 @@ class Soak:
             "duration_s": self.args.duration_s, "requests": len(tasks), "codes": dict(self.codes), "client_disconnects": self.disconnects,
             "latency_s": {"p50": pct(50), "p90": pct(90), "p99": pct(99), "max": pct(100)},
             "hung": self.hung, "lost": len(self.lost), "lost_examples": self.lost[:5], "bad_5xx": len(self.bad_5xx),
-            "bad_5xx_examples": self.bad_5xx[:5], "kills": self.kills,
+            "bad_5xx_examples": self.bad_5xx[:5], "malformed_errors": len(self.malformed), "malformed_examples": self.malformed[:5],
+            "kills": self.kills,
             "ray_memory_bytes": {"before": mem_before, "after": mem_after,
                                  "total_before": sum(mem_before.values()), "total_after": sum(mem_after.values())},
         }
-        report["ok"] = self.hung == 0 and not self.lost and not self.bad_5xx
+        report["ok"] = self.hung == 0 and not self.lost and not self.bad_5xx and not self.malformed
         return report
 
 

@@ -19,8 +19,6 @@ sys.path.insert(0, str(BENCH_DIR))
 import bench_serving as bs  # noqa: E402
 import compare  # noqa: E402
 
-PORT = 18810
-BASE = f"http://127.0.0.1:{PORT}"
 
 
 # ---- pure helpers ------------------------------------------------------------------------------
@@ -128,42 +126,11 @@ def test_compare_overrides_and_encode_bench():
 
 
 # ---- against the real app ----------------------------------------------------------------------
-def _tiny_args(tiny_dir) -> dict:
-    return {
-        "model": {"source": "tiny", "device": "cpu", "tiny_dir": str(tiny_dir)},
-        "server": {"max_size": 512, "default_size": "64x64", "request_timeout_s": 120},
-        "text_encoder_deployment": {"ray_actor_options": {"num_cpus": 0.1}, "max_batch_size": 8, "batch_wait_timeout_s": 0.05},
-        "denoiser_deployment": {"ray_actor_options": {"num_cpus": 0.1}, "max_batch_size": 4, "batch_wait_timeout_s": 0.2, "max_ongoing_requests": 8},
-        "vae_deployment": {"ray_actor_options": {"num_cpus": 0.1}, "max_batch_size": 4},
-        "ingress_deployment": {"ray_actor_options": {"num_cpus": 0.1}},
-    }
-
-
 @pytest.fixture(scope="module")
-def bench_app(tiny_dir):
-    import ray
-    from ray import serve
+def bench_app(tiny_server):
+    from tests.tiny_server import BASE
 
-    from serve_app.app import build_app
-
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-        serve.run(build_app(_tiny_args(tiny_dir)), name="z-image-bench", route_prefix="/", blocking=False)
-        deadline = time.time() + 240
-        while True:
-            try:
-                if httpx.get(BASE + "/health", timeout=30).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                raise TimeoutError(BASE + "/health")
-            time.sleep(1)
-        yield BASE
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    return BASE  # the root tiny app (tests/tiny_server.py)
 
 
 def test_run_benchmark_against_the_real_app(bench_app, tmp_path):

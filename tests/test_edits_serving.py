@@ -18,23 +18,10 @@ import pytest
 from PIL import Image
 
 from tests.test_uploads import encode as png
+from tests.tiny_server import BASE, PORT, tiny_args
 
-PORT = 18533
-BASE = f"http://127.0.0.1:{PORT}"
-MAX_UPLOAD_BYTES = 150_000
+MAX_UPLOAD_BYTES = 150_000  # the root app's server.max_upload_bytes (tests/tiny_server.py)
 README = Path(__file__).resolve().parents[1] / "README.md"
-
-
-def tiny_args(tiny_dir) -> dict:
-    return {
-        "model": {"source": "tiny", "device": "cpu", "tiny_dir": str(tiny_dir)},
-        "server": {"max_size": 512, "default_size": "64x64", "max_inflight_images": 16, "request_timeout_s": 120,
-                   "max_upload_bytes": MAX_UPLOAD_BYTES, "max_upload_pixels": 1_000_000},
-        "text_encoder_deployment": {"ray_actor_options": {"num_cpus": 0.1}, "max_batch_size": 8, "batch_wait_timeout_s": 0.05},
-        "denoiser_deployment": {"ray_actor_options": {"num_cpus": 0.1}, "max_batch_size": 8, "batch_wait_timeout_s": 0.3},
-        "vae_deployment": {"ray_actor_options": {"num_cpus": 0.1}, "max_batch_size": 4},
-        "ingress_deployment": {"ray_actor_options": {"num_cpus": 0.1}},
-    }
 
 
 def photo(w=100, h=70) -> Image.Image:
@@ -61,27 +48,10 @@ def denoiser_stats():
 
 
 @pytest.fixture(scope="module")
-def server(tiny_dir):
-    import ray
+def server(tiny_server):
     from ray import serve
 
-    from serve_app.app import build_app
-
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(README.parent)}})
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    serve.run(build_app(tiny_args(tiny_dir)), name="z-image", route_prefix="/", blocking=False)
-    deadline = time.time() + 300
-    while True:  # readiness poll of the server's own /health (not synchronisation between requests)
-        try:
-            if httpx.get(BASE + "/health", timeout=60).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.time() < deadline, "server did not become healthy"
-        time.sleep(1)
-    yield serve
-    serve.shutdown()
-    ray.shutdown()
+    return serve
 
 
 def reference(tiny_dir, prompt, seed, pixels_, strength, steps, mask=None):

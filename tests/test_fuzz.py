@@ -11,10 +11,8 @@ import sys
 import httpx
 import pytest
 
-from tests.test_reliability import tiny_serve_app
+from tests.tiny_server import tiny_args
 
-PORT = 18960
-BASE = f"http://127.0.0.1:{PORT}"
 
 
 def _schemathesis_env() -> dict | None:
@@ -27,21 +25,23 @@ def _schemathesis_env() -> dict | None:
 
 
 @pytest.fixture(scope="module")
-def serve_app(tiny_dir):
-    with tiny_serve_app(tiny_dir, PORT, server={"max_n": 2, "max_size": 128, "default_size": "64x64"}, denoiser={"max_steps": 4, "default_steps": 2}) as serve:
-        yield serve
+def base(tiny_server, tiny_dir):
+    """A small app of its own (n <= 2, <= 128 px, <= 4 steps), so that no generated request is slow."""
+    args = tiny_args(tiny_dir, server={"max_n": 2, "max_size": 128, "default_size": "64x64"}, denoiser={"max_steps": 4, "default_steps": 2})
+    with tiny_server.app("fuzz", args) as url:
+        yield url
 
 
-def test_schemathesis_finds_no_5xx_and_no_hang(serve_app, tmp_path):
+def test_schemathesis_finds_no_5xx_and_no_hang(base, tmp_path):
     env = _schemathesis_env()
     if env is None:
         pytest.skip("schemathesis is not installed (pip install '.[test]')")
     p = subprocess.run(
-        [sys.executable, "-m", "schemathesis.cli", "run", BASE + "/openapi.json", "--checks", "not_a_server_error",
+        [sys.executable, "-m", "schemathesis.cli", "run", base + "/openapi.json", "--url", base, "--checks", "not_a_server_error",
          "--max-examples", "25", "--request-timeout", "60", "--workers", "2", "--seed", "18"],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=540,  # its .schemathesis/ cache stays out of the tree
     )
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
     assert " passed" in p.stdout and "failed" not in p.stdout.split("SUMMARY")[-1], p.stdout[-3000:]
     # and the server still serves
-    assert httpx.post(BASE + "/v1/images/generations", json={"prompt": "after", "num_inference_steps": 1}, timeout=60).status_code == 200
+    assert httpx.post(base + "/v1/images/generations", json={"prompt": "after", "num_inference_steps": 1}, timeout=60).status_code == 200

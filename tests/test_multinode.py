@@ -90,7 +90,7 @@ def _stop(procs: list[subprocess.Popen], temp_root: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def two_nodes():
+def two_nodes(own_ray):
     import ray
 
     temp_root = tempfile.mkdtemp(prefix="serveapp-mn-")

@@ -16,40 +16,17 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.test_serving import tiny_args
+from tests.tiny_server import BASE, tiny_args, wait_until
 
-PORT = 18930
-BASE = f"http://127.0.0.1:{PORT}"
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _wait(cond, timeout, what):
-    """Poll `cond` until true; the deadline is only a hang guard."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if cond():
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"never: {what}")
+_wait = wait_until
 
 
 @pytest.fixture(scope="module")
-def serve_app(tiny_dir):
-    import ray
+def serve_app(tiny_server):
     from ray import serve
 
-    from serve_app.app import build_app
-
-    ray.init(num_cpus=4, include_dashboard=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    serve.run(build_app(tiny_args(tiny_dir, server={"max_body_bytes": 65536})), name="z-image", route_prefix="/", blocking=False)
-    _wait(lambda: httpx.get(BASE + "/health/ready", timeout=30).status_code == 200, 240, "ready")
-    yield serve
-    serve.shutdown()
-    ray.shutdown()
+    return serve
 
 
 def _post(body, base=BASE, timeout=120):
@@ -144,8 +121,8 @@ def test_every_error_is_openai_shaped(serve_app):
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(buf, "PNG")
-    assert len(buf.getvalue()) > 3 * 65536
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)).save(buf, "PNG")
+    assert 65536 < len(buf.getvalue()) < 150_000  # over max_body_bytes, under max_upload_bytes
     edit = httpx.post(BASE + "/v1/images/edits", files={"image": ("big.png", buf.getvalue(), "image/png")},
                       data={"prompt": "x", "size": "64x64", "num_inference_steps": "1"}, timeout=120)
     assert edit.status_code == 200, edit.text
@@ -283,23 +260,3 @@ def test_sigterm_drains_requests_in_flight(tmp_path, tiny_dir):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
-
-
-@contextlib.contextmanager
-def tiny_serve_app(tiny_dir, port: int, **overrides):
-    """This module's pattern for one file's own server: a fresh Ray, Serve on `port`, the tiny app with
-    `overrides` (tests.test_serving.tiny_args), ready before the tests run."""
-    import ray
-    from ray import serve
-
-    from serve_app.app import build_app
-
-    ray.init(num_cpus=4, include_dashboard=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        serve.run(build_app(tiny_args(tiny_dir, **overrides)), name="z-image", route_prefix="/", blocking=False)
-        _wait(lambda: httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=30).status_code == 200, 240, "ready")
-        yield serve
-    finally:
-        serve.shutdown()
-        ray.shutdown()

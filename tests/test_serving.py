@@ -12,55 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-PORT = 18321
-BASE = f"http://127.0.0.1:{PORT}"
-
-
-def tiny_args(tiny_dir, **overrides) -> dict:
-    args = {
-        "model": {"source": "tiny", "device": "cpu", "tiny_dir": str(tiny_dir)},
-        "server": {"max_size": 512, "default_size": "64x64", "max_inflight_images": 8, "request_timeout_s": 60},
-        "text_encoder_deployment": {"ray_actor_options": {"num_cpus": 0.1}, "max_batch_size": 8, "batch_wait_timeout_s": 0.05},
-        "denoiser_deployment": {
-            "ray_actor_options": {"num_cpus": 0.1}, "max_batch_size": 4, "batch_wait_timeout_s": 0.3, "max_ongoing_requests": 4, "max_queued_requests": 32,
-        },
-        "vae_deployment": {"ray_actor_options": {"num_cpus": 0.1}, "max_batch_size": 4},
-        "ingress_deployment": {"ray_actor_options": {"num_cpus": 0.1}, "max_ongoing_requests": 64, "max_queued_requests": 64},
-    }
-    for key, value in overrides.items():
-        args.setdefault(key, {}).update(value)
-    return args
+from tests.tiny_server import BASE, tiny_args, wait_until  # noqa: F401  (tiny_args: other files import it from here)
 
 
 @pytest.fixture(scope="module")
-def serve_app(tiny_dir):
-    import ray
+def serve_app(tiny_server):
     from ray import serve
 
-    from serve_app.app import build_app
-
-    # short autoscaling metric intervals so that scaling is observable in seconds
-    os.environ["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
-    os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
-    ray.init(num_cpus=4, include_dashboard=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    serve.run(build_app(tiny_args(tiny_dir)), name="z-image", route_prefix="/", blocking=False)
-    _wait_healthy(BASE + "/health")
-    yield serve
-    serve.shutdown()
-    ray.shutdown()
-
-
-def _wait_healthy(url, timeout=180):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if httpx.get(url, timeout=30).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(url)
+    return serve
 
 
 def _post(body, base=BASE, timeout=120):
@@ -180,7 +139,7 @@ def test_overload_is_rejected_then_server_recovers(serve_app, tiny_dir):
     # 10 images may be in flight in the ingress (then 429); the denoiser takes 2 ongoing + 1 queued (then 503).
     # The text encoder collects its batch for 1 s, so all 14 requests are in flight at the ingress at once
     # (4 of them 429) before any 503 frees a slot.
-    args = tiny_args(tiny_dir, server={"max_inflight_images": 10},
+    args = tiny_args(tiny_dir, server={"max_inflight_images": 10, "request_timeout_s": 300},
                      text_encoder_deployment={"max_batch_size": 16, "batch_wait_timeout_s": 1.0},
                      denoiser_deployment={"max_batch_size": 2, "max_ongoing_requests": 2, "max_queued_requests": 1})
     serve.run(build_app(args), name="overload", route_prefix="/overload")
@@ -291,6 +250,24 @@ def test_denoiser_autoscales_up_and_down_without_losing_requests(serve_app, tiny
         time.sleep(1)
     assert replicas() == 1, "denoiser did not scale back to 1"
     assert _post({"prompt": "after", "size": "64x64", "num_inference_steps": 1}, base=base).status_code == 200
+
+    # An upgrade that also downscales, as a RayService applies a new config: two fixed denoiser replicas,
+    # both busy, then the app redeployed with one (and a changed ingress config, so the ingress is replaced
+    # too) while the requests are in flight. Serve stops the old replicas only after they finish their
+    # work (graceful_shutdown_timeout_s, serve_app/config.py): every request completes.
+    fixed = {k: v for k, v in args["denoiser_deployment"].items() if k != "autoscaling_config"}
+    serve.run(build_app({**args, "denoiser_deployment": {**fixed, "num_replicas": 2}}), name="scaling", route_prefix="/scaling")
+    assert replicas() == 2
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        inflight = [pool.submit(_post, {"prompt": f"upgrade {i}", "size": "256x256", "num_inference_steps": 12, "seed": i}, base, 300)
+                    for i in range(4)]
+        wait_until(lambda: _stats(base)["ingress"]["inflight_images"] == 4, 60, "four in flight")
+        serve.run(build_app({**args, "server": {**args["server"], "max_inflight_images": 63},
+                             "denoiser_deployment": {**fixed, "num_replicas": 1}}), name="scaling", route_prefix="/scaling", blocking=False)
+        codes = [f.result().status_code for f in inflight]
+    assert codes == [200] * 4, codes
+    wait_until(lambda: replicas() == 1 and serve.status().applications["scaling"].status == "RUNNING", 120, "downscaled")
+    assert _post({"prompt": "after the upgrade", "size": "64x64", "num_inference_steps": 1}, base=base).status_code == 200
     serve.delete("scaling")
 
 

@@ -12,9 +12,9 @@ from PIL import Image
 
 from serve_app.config import AppConfig, ModelConfig, TextEncoderConfig
 from serve_app.engines.text_encoder import TextEncoderEngine
+from tests.tiny_server import BASE
 
 CONFIGS = ["configs/z-image-turbo-24gb.yaml", "configs/z-image-turbo-16gb.yaml"]
-PORT = 18611
 
 
 def _args(path: str) -> dict:
@@ -45,15 +45,10 @@ def test_text_encoder_offload_hooks_and_the_same_embeddings(tiny_dir):
 
 
 @pytest.fixture(scope="module")
-def ray_serve():
-    import ray
+def ray_serve(tiny_server):
     from ray import serve
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    yield serve
-    serve.shutdown()
-    ray.shutdown()
+    return serve  # the shared Serve (tests/tiny_server.py): each config's app goes next to the root one
 
 
 @pytest.mark.parametrize("path", CONFIGS)
@@ -68,7 +63,7 @@ def test_the_config_serves_on_cpu_with_the_tiny_model(ray_serve, tiny_dir, path)
         args[stage]["ray_actor_options"] = {"num_cpus": 0.1}
     name = path.rsplit("/", 1)[-1].removesuffix(".yaml")
     ray_serve.run(build_app(args), name=name, route_prefix=f"/{name}")
-    r = httpx.post(f"http://127.0.0.1:{PORT}/{name}/v1/images/generations", timeout=120,
+    r = httpx.post(f"{BASE}/{name}/v1/images/generations", timeout=120,
                    json={"prompt": "a lighthouse at dawn", "size": "128x64", "seed": 3, "num_inference_steps": 2})
     assert r.status_code == 200, r.text
     assert Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))).size == (128, 64)

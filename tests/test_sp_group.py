@@ -17,7 +17,7 @@ HEALTH_TIMEOUT_S = 10.0
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
+def ray_cluster(own_ray):
     import ray
 
     ray.init(

@@ -106,7 +106,7 @@ def _rank_gpus(variant: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(own_ray):
     import ray
     from ray import serve
 

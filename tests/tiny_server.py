@@ -1,0 +1,116 @@
+"""One local Ray and one Serve instance for every test file that talks to the tiny app over HTTP.
+
+Starting Ray and deploying the app's four replicas is most of what those files cost on a 2-core CI
+machine, so they share: the tiny app with `ROOT_ARGS` at "/" (name "z-image"), and any app a file needs
+with other settings deployed next to it under its own route prefix (`TinyServe.app`) and deleted after.
+Files that need a Ray of their own (fake GPUs, several nodes) ask for the `own_ray` fixture, which stops
+this one first; tests/conftest.py runs the files that share it before those.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+
+import httpx
+
+PORT = 18321
+BASE = f"http://127.0.0.1:{PORT}"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_args(tiny_dir, **overrides) -> dict:
+    """The root app's settings, with `overrides` merged into its sections."""
+    args = {
+        "model": {"source": "tiny", "device": "cpu", "tiny_dir": str(tiny_dir)},
+        "server": {"max_size": 512, "default_size": "64x64", "max_inflight_images": 8, "request_timeout_s": 120,
+                   # small limits, so that the reliability and upload tests reach them with small bodies
+                   "max_body_bytes": 65536, "max_upload_bytes": 150_000, "max_upload_pixels": 1_000_000},
+        "text_encoder_deployment": {"ray_actor_options": {"num_cpus": 0.1}, "max_batch_size": 8, "batch_wait_timeout_s": 0.05},
+        "denoiser_deployment": {
+            "ray_actor_options": {"num_cpus": 0.1}, "max_batch_size": 4, "batch_wait_timeout_s": 0.3, "max_ongoing_requests": 4, "max_queued_requests": 32,
+        },
+        "vae_deployment": {"ray_actor_options": {"num_cpus": 0.1}, "max_batch_size": 4},
+        "ingress_deployment": {"ray_actor_options": {"num_cpus": 0.1}, "max_ongoing_requests": 64, "max_queued_requests": 64},
+    }
+    for key, value in overrides.items():
+        args.setdefault(key, {}).update(value)
+    return args
+
+
+def wait_until(cond, timeout: float, what: str) -> None:
+    """Poll `cond` until it is true; the deadline only guards against a hang."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if cond():
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"never: {what}")
+
+
+class TinyServe:
+    """The shared instance: started on first use, stopped by `stop()` (own_ray, or the session's end)."""
+
+    def __init__(self):
+        self.running = False
+        self.root_dir: str | None = None
+
+    def start(self) -> None:
+        if self.running:
+            return
+        import ray
+        from ray import serve
+
+        # short autoscaling metric intervals, so that scaling is observable in seconds (tests/test_serving.py)
+        os.environ["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
+        os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
+        ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+        serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+        self.running = True
+
+    def root(self, tiny_dir) -> str:
+        """The root app ("z-image" at "/"), deployed once and ready; returns its base URL."""
+        self.start()
+        if self.root_dir != str(tiny_dir):
+            self.deploy("z-image", "/", tiny_args(tiny_dir))
+            self.root_dir = str(tiny_dir)
+        return BASE
+
+    def deploy(self, name: str, prefix: str, args: dict, ready: str = "/health/ready", timeout: float = 300) -> str:
+        from ray import serve
+
+        from serve_app.app import build_app
+
+        self.start()
+        serve.run(build_app(args), name=name, route_prefix=prefix, blocking=False)
+        base = BASE + prefix.rstrip("/")
+        wait_until(lambda: httpx.get(base + ready, timeout=30).status_code == 200, timeout, f"{name} ready")
+        return base
+
+    @contextlib.contextmanager
+    def app(self, name: str, args: dict, **kwargs):
+        """An app of a test file's own next to the root one, at /<name>; deleted afterwards."""
+        from ray import serve
+
+        try:
+            yield self.deploy(name, f"/{name}", args, **kwargs)
+        finally:
+            serve.delete(name)
+
+    def stop(self) -> None:
+        if not self.running:
+            return
+        import ray
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+        self.running, self.root_dir = False, None
+
+
+SHARED = TinyServe()
