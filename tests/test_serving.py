@@ -131,10 +131,8 @@ def test_malformed_json_is_400(serve_app):
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
 
 
-def test_overload_is_rejected_then_server_recovers(serve_app, tiny_dir):
+def test_overload_is_rejected_then_server_recovers(tiny_server, tiny_dir):
     from ray import serve
-
-    from serve_app.app import build_app
 
     # 10 images may be in flight in the ingress (then 429); the denoiser takes 2 ongoing + 1 queued (then 503).
     # The text encoder collects its batch for 1 s, so all 14 requests are in flight at the ingress at once
@@ -142,8 +140,7 @@ def test_overload_is_rejected_then_server_recovers(serve_app, tiny_dir):
     args = tiny_args(tiny_dir, server={"max_inflight_images": 10, "request_timeout_s": 300},
                      text_encoder_deployment={"max_batch_size": 16, "batch_wait_timeout_s": 1.0},
                      denoiser_deployment={"max_batch_size": 2, "max_ongoing_requests": 2, "max_queued_requests": 1})
-    serve.run(build_app(args), name="overload", route_prefix="/overload")
-    base = BASE + "/overload"
+    base = tiny_server.deploy("overload", "/overload", args)  # next to the root app, ready at its prefix
     bodies = [{"prompt": f"load {i}", "seed": i, "size": "512x512", "num_inference_steps": 40} for i in range(14)]
     with concurrent.futures.ThreadPoolExecutor(14) as pool:
         responses = list(pool.map(lambda b: _post(b, base=base), bodies))
@@ -196,13 +193,10 @@ def test_stats_report_each_stage_platform_and_the_engine_choice(serve_app):
     assert stats["text_encoder"]["cuda_graphs"] == 0  # on CPU the encoder runs eagerly
 
 
-def test_request_timeout_gives_504_and_frees_the_server(serve_app, tiny_dir):
+def test_request_timeout_gives_504_and_frees_the_server(tiny_server, tiny_dir):
     from ray import serve
 
-    from serve_app.app import build_app
-
-    serve.run(build_app(tiny_args(tiny_dir, server={"request_timeout_s": 0.5})), name="timeouts", route_prefix="/timeouts")
-    base = BASE + "/timeouts"
+    base = tiny_server.deploy("timeouts", "/timeouts", tiny_args(tiny_dir, server={"request_timeout_s": 0.5}))
     r = _post({"prompt": "slow", "size": "512x512", "num_inference_steps": 40}, base=base)
     assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
     # A batch already running on the DiT finishes its steps (only queued work is dropped), so the
@@ -218,7 +212,7 @@ def test_request_timeout_gives_504_and_frees_the_server(serve_app, tiny_dir):
     serve.delete("timeouts")
 
 
-def test_denoiser_autoscales_up_and_down_without_losing_requests(serve_app, tiny_dir):
+def test_denoiser_autoscales_up_and_down_without_losing_requests(tiny_server, tiny_dir):
     from ray import serve
 
     from serve_app.app import build_app
@@ -228,8 +222,7 @@ def test_denoiser_autoscales_up_and_down_without_losing_requests(serve_app, tiny
     args = tiny_args(tiny_dir, denoiser_deployment={"autoscaling_config": autoscaling, "max_batch_size": 1, "max_ongoing_requests": 2,
                                                     "max_queued_requests": 64, "batch_wait_timeout_s": 0.0},
                      server={"max_inflight_images": 64})
-    serve.run(build_app(args), name="scaling", route_prefix="/scaling")
-    base = BASE + "/scaling"
+    base = tiny_server.deploy("scaling", "/scaling", args)
 
     def replicas():
         dep = serve.status().applications["scaling"].deployments["Denoiser"]

@@ -12,7 +12,6 @@ from PIL import Image
 
 from serve_app.config import AppConfig, ModelConfig, TextEncoderConfig
 from serve_app.engines.text_encoder import TextEncoderEngine
-from tests.tiny_server import BASE
 
 CONFIGS = ["configs/z-image-turbo-24gb.yaml", "configs/z-image-turbo-16gb.yaml"]
 
@@ -44,27 +43,17 @@ def test_text_encoder_offload_hooks_and_the_same_embeddings(tiny_dir):
         assert torch.equal(a, b)
 
 
-@pytest.fixture(scope="module")
-def ray_serve(tiny_server):
-    from ray import serve
-
-    return serve  # the shared Serve (tests/tiny_server.py): each config's app goes next to the root one
-
-
 @pytest.mark.parametrize("path", CONFIGS)
-def test_the_config_serves_on_cpu_with_the_tiny_model(ray_serve, tiny_dir, path):
+def test_the_config_serves_on_cpu_with_the_tiny_model(tiny_server, tiny_dir, path):
     """The config as written, with the tiny model on CPU (no GPUs here: the stages' GPU shares dropped)."""
-    from serve_app.app import build_app
-
     args = _args(path)
     args["model"] = {"source": "tiny", "tiny_dir": str(tiny_dir), "device": "cpu"}
     args["denoiser"]["warmup_sizes"] = [[64, 64]]
     for stage in ("text_encoder_deployment", "denoiser_deployment", "vae_deployment", "ingress_deployment"):
         args[stage]["ray_actor_options"] = {"num_cpus": 0.1}
     name = path.rsplit("/", 1)[-1].removesuffix(".yaml")
-    ray_serve.run(build_app(args), name=name, route_prefix=f"/{name}")
-    r = httpx.post(f"{BASE}/{name}/v1/images/generations", timeout=120,
-                   json={"prompt": "a lighthouse at dawn", "size": "128x64", "seed": 3, "num_inference_steps": 2})
+    with tiny_server.app(name, args) as base:  # next to the shared root app, deleted afterwards
+        r = httpx.post(f"{base}/v1/images/generations", timeout=120,
+                       json={"prompt": "a lighthouse at dawn", "size": "128x64", "seed": 3, "num_inference_steps": 2})
     assert r.status_code == 200, r.text
     assert Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))).size == (128, 64)
-    ray_serve.delete(name)

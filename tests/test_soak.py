@@ -21,7 +21,7 @@ def serve_app(tiny_server):
 def test_short_soak_with_a_replica_kill(serve_app, tmp_path):
     out = tmp_path / "soak.json"
     rc = soak.main(["--base-url", BASE, "--duration-s", "30", "--multiple", "2", "--measure-s", "10", "--sizes", "64x64,128x128",
-                    "--n-choices", "1,2", "--steps", "4", "--kill-stage", "denoiser", "--kill-every-s", "12",
+                    "--n-choices", "1,2", "--steps", "4", "--kill-stage", "denoiser", "--kill-every-s", "12", "--disconnect-fraction", "0.2",
                     "--output-json", str(out)])
     import json
 
