@@ -105,6 +105,28 @@ class DenoiserConfig(_Strict):
         return self.ulysses_degree * self.ring_degree
 
 
+class LoraConfig(_Strict):
+    """LoRA adapters per request (serve_app/engines/lora.py): a request names adapters of `dir`."""
+
+    # off: no side paths in the DiT (nothing changes for requests), `lora` in a request is a 400
+    enabled: bool = False
+    # a folder of adapters, one `<name>.safetensors` or `<name>/` diffusers-format folder each, in the
+    # formats ZImageLoraLoaderMixin.load_lora_weights reads (community formats through its converters).
+    # None with model.source tiny: the tiny model's own `loras/` folder holding its demo adapter
+    # `tiny-demo` (serve_app/engines/tiny_model.py); with any other source it must be set
+    dir: str | None = None
+    # adapters a denoiser replica (every rank of an SP group) keeps loaded; the least recently used is
+    # unloaded first (Serve's model multiplexing keeps the count and routes requests to replicas that
+    # hold their adapter)
+    max_loaded: int = Field(4, ge=1)
+    # the rank every linear's side path computes: an adapter set's ranks, summed per layer, must fit it.
+    # It costs its FLOPs on every request once adapters are on, adapter or not (benchmarks/bench_lora.py)
+    max_rank: int = Field(64, ge=1, le=1024)
+    # request limits: adapters in one request, and the range of each one's scale
+    max_adapters_per_request: int = Field(4, ge=1)
+    max_abs_scale: float = Field(8.0, gt=0)
+
+
 class VaeConfig(_Strict):
     # decode tiled when the image has more pixels than this (bounds activation memory at 2K and up)
     tiling_min_pixels: int = Field(2048 * 2048, ge=0)
@@ -269,6 +291,7 @@ class AppConfig(_Strict):
     text_encoder: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
     denoiser: DenoiserConfig = Field(default_factory=DenoiserConfig)
     vae: VaeConfig = Field(default_factory=VaeConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     # One block per stage: our batching fields and Ray Serve's deployment options (DeploymentOptions).
     text_encoder_deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
@@ -300,6 +323,8 @@ class AppConfig(_Strict):
             if "num_replicas" not in merged and "autoscaling_config" not in merged:
                 merged["num_replicas"] = 1
             opts.__pydantic_extra__ = merged
+        if self.lora.enabled and self.lora.dir is None and self.model.source != "tiny":
+            problems.append("lora.dir: required when lora.enabled (only the tiny model has a default, its demo adapter)")
         if problems:
             raise ValueError("\n".join(problems))
         return self

@@ -25,7 +25,7 @@ class StagedPipeline:
     def __init__(self, cfg: AppConfig):
         self.cfg = cfg
         self.text_encoder = TextEncoderEngine(cfg.model, cfg.text_encoder)
-        self.denoiser = DenoiserEngine(cfg.model, cfg.denoiser)
+        self.denoiser = DenoiserEngine(cfg.model, cfg.denoiser, lora=cfg.lora)
         self.vae = VaeEngine(cfg.model, cfg.vae)
 
     def generate(
@@ -37,7 +37,9 @@ class StagedPipeline:
         steps: int | None = None,
         guidance_scale: float = 0.0,
         negative_prompt: str | None = None,
+        lora: tuple = (),
     ) -> list[GeneratedImage]:
+        """`lora`: ((adapter name, scale), ...) of `lora.dir`, for every image."""
         steps = steps or self.cfg.denoiser.default_steps
         timings = {}
         t0 = time.perf_counter()
@@ -46,7 +48,8 @@ class StagedPipeline:
         synchronize(self.text_encoder.device)
         t1 = time.perf_counter()
         reqs = [
-            DenoiseRequest(embeds=e, height=height, width=width, steps=steps, seed=s, guidance_scale=guidance_scale, negative_embeds=n)
+            DenoiseRequest(embeds=e, height=height, width=width, steps=steps, seed=s, guidance_scale=guidance_scale, negative_embeds=n,
+                           lora=tuple(lora))
             for e, s, n in zip(embeds, seeds, neg)
         ]
         latents = self.denoiser.denoise(reqs)

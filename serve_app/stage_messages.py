@@ -36,6 +36,8 @@ class DenoiseRequest:
     image_latents: torch.Tensor | None = None
     strength: float = 1.0
     mask: torch.Tensor | None = None
+    # LoRA adapters, ((name, scale), ...) in the request's order (serve_app/engines/lora.py); () for none
+    lora: tuple[tuple[str, float], ...] = ()
 
     @property
     def start_step(self) -> int:
@@ -46,10 +48,11 @@ class DenoiseRequest:
         return int(max(self.steps - min(self.steps * self.strength, self.steps), 0))
 
     @property
-    def batch_key(self) -> tuple[int, int, int, int]:
+    def batch_key(self) -> tuple:
         """Requests share a DiT forward only when this is equal: same latent shape, same schedule, same
-        first step (so the same timesteps run; an edit at strength 1 batches with text-to-image)."""
-        return (self.height, self.width, self.steps, self.start_step)
+        first step (so the same timesteps run; an edit at strength 1 batches with text-to-image), and the
+        same LoRA adapters at the same scales (one adapter set per forward)."""
+        return (self.height, self.width, self.steps, self.start_step, tuple(self.lora))
 
 
 @dataclass

@@ -25,7 +25,7 @@ def make_denoiser(cfg: AppConfig) -> Denoiser:
         from serve_app.sp.rank_group import SPGroup
 
         return SPGroup(cfg, placement_group=ray.util.get_current_placement_group(), first_bundle_index=1)
-    return DenoiserEngine(cfg.model, cfg.denoiser)
+    return DenoiserEngine(cfg.model, cfg.denoiser, lora=cfg.lora)
 
 
 @serve.deployment

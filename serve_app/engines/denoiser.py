@@ -27,11 +27,12 @@ from typing import Protocol
 
 import torch
 
-from serve_app.config import DenoiserConfig, ModelConfig
+from serve_app.config import DenoiserConfig, LoraConfig, ModelConfig
 from serve_app.engines.compile_cache import use_compile_cache
 from serve_app.engines.devices import placement
 from serve_app.engines.dit_builder import SPOptions, build_dit
-from serve_app.engines.model_sources import load_scheduler_config
+from serve_app.engines.lora import LoraAdapters, side_paths
+from serve_app.engines.model_sources import load_scheduler_config, lora_folder
 from serve_app.stage_messages import DenoiseRequest
 
 VAE_SCALE_FACTOR = 8  # Flux VAE: 2 ** (len(block_out_channels) - 1)
@@ -153,11 +154,16 @@ class DenoiserEngine:
     `denoise` calls and gets the same latents)."""
 
     def __init__(self, model_cfg: ModelConfig, cfg: DenoiserConfig, device: torch.device | None = None,
-                 sp: SPOptions | None = None):
+                 sp: SPOptions | None = None, lora: LoraConfig | None = None):
         self.cfg = cfg
         self.compile_cache_dir = use_compile_cache(model_cfg.compile_cache_dir)
         self.device, self.dtype = placement(model_cfg, device)
-        self.transformer, self.build = build_dit(model_cfg, cfg, self.device, self.dtype, sp)
+        folder = lora_folder(model_cfg, lora) if lora is not None else None
+        self.transformer, self.build = build_dit(model_cfg, cfg, self.device, self.dtype, sp,
+                                                 lora_max_rank=lora.max_rank if folder is not None else None)
+        # LoRA: the side paths build_dit installed, and the adapters this DiT holds (None: no adapters)
+        self.lora = None if folder is None else LoraAdapters(
+            folder, side_paths(self.transformer), dict(self.transformer.config), self.device, self.dtype)
         self.scheduler_config = load_scheduler_config(model_cfg)
         self.in_channels = self.transformer.config.in_channels
         self.cap_feat_dim = self.transformer.config.cap_feat_dim
@@ -166,7 +172,24 @@ class DenoiserEngine:
         self.same_caption_length_batches = self.build.sp is not None and cfg.sp_same_caption_length_batches
 
     def stats(self) -> dict:
-        return self._stats.snapshot()
+        return {**self._stats.snapshot(), **({"lora": self.lora.stats()} if self.lora is not None else {})}
+
+    def load_adapter(self, name: str) -> None:
+        """Hold LoRA adapter `name` (read now unless held); UnknownAdapter / ValueError if it cannot be."""
+        if self.lora is None:
+            raise ValueError("this DiT serves no LoRA adapters (lora.dir is not set)")
+        self.lora.load(name)
+
+    def unload_adapter(self, name: str) -> None:
+        if self.lora is not None:
+            self.lora.unload(name)
+
+    def check_adapters(self, adapters) -> None:
+        """ValueError if this adapter set cannot run (ranks past lora.max_rank); loads what it names."""
+        if adapters and self.lora is None:
+            raise ValueError("this DiT serves no LoRA adapters (lora.dir is not set)")
+        if adapters:
+            self.lora.check(tuple(adapters))
 
     def info(self) -> dict:
         return {**self.build.as_dict(), "device": str(self.device), "compile_cache_dir": self.compile_cache_dir}
@@ -225,7 +248,11 @@ class DenoiserEngine:
         return out  # type: ignore[return-value]
 
     def _denoise_group(self, reqs: list[DenoiseRequest]) -> list[torch.Tensor]:
-        height, width, steps, start = reqs[0].batch_key
+        height, width, steps, start, lora = reqs[0].batch_key
+        if self.lora is not None:
+            self.lora.activate(lora)
+        elif lora:
+            raise ValueError("this DiT serves no LoRA adapters (lora.dir is not set)")
         n = len(reqs)
         lh, lw = 2 * (height // PIXELS_PER_LATENT_PATCH), 2 * (width // PIXELS_PER_LATENT_PATCH)
         scheduler = self._scheduler(steps, (lh // 2) * (lw // 2), start)

@@ -62,6 +62,7 @@ class DiTBuild:
     compile: bool
     compile_dynamic: bool
     sp: dict | None  # ulysses_degree, ring_degree, attention, pads_sequence, shards_noise_refiner
+    lora_max_rank: int | None = None  # LoRA side paths of this rank beside every linear (None: none)
     platform: dict = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
 
@@ -72,8 +73,9 @@ class DiTBuild:
 
 
 def build_dit(model_cfg: ModelConfig, cfg: DenoiserConfig, device: torch.device, dtype: torch.dtype,
-              sp: SPOptions | None = None):
-    """(transformer, DiTBuild) for `device`; with `sp`, this rank's shard of an SP group."""
+              sp: SPOptions | None = None, lora_max_rank: int | None = None):
+    """(transformer, DiTBuild) for `device`; with `sp`, this rank's shard of an SP group; with
+    `lora_max_rank`, a LoRA side path of that rank beside every linear (serve_app/engines/lora.py)."""
     check_library_versions()
     settings = choose_engine_settings(detect_platform(device), cfg)
     warnings = list(settings.warnings)
@@ -140,6 +142,13 @@ def build_dit(model_cfg: ModelConfig, cfg: DenoiserConfig, device: torch.device,
         quantize_linears_fp8(transformer, settings.torch_fp8_dtype, in_blocks, device=device)
         transformer.to(device)  # what stays bf16 (embedders, norms, final layer)
 
+    # 3b. LoRA side paths: after FP8 (they wrap the FP8 linears and stay bf16), before compile (the compiled
+    # blocks hold them, and switching adapters only writes their buffers)
+    if lora_max_rank is not None:
+        from serve_app.engines.lora import install_side_paths
+
+        install_side_paths(transformer, lora_max_rank, device, dtype)
+
     # 4. regional compile: one graph per block class
     if settings.compile.enabled:
         raise_recompile_limits()
@@ -153,6 +162,7 @@ def build_dit(model_cfg: ModelConfig, cfg: DenoiserConfig, device: torch.device,
         compile=settings.compile.enabled,
         compile_dynamic=settings.compile.enabled and settings.compile.dynamic,
         sp=sp_info,
+        lora_max_rank=lora_max_rank,
         platform=settings.platform.as_dict(),
         warnings=tuple(warnings),
     )

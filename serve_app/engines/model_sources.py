@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 from pathlib import Path
 
 import torch
@@ -126,3 +127,17 @@ def _randomise_zero_inits(model) -> None:
         model.x_pad_token.normal_()
         model.cap_pad_token.normal_()
 
+
+
+def lora_folder(model_cfg: ModelConfig, lora_cfg) -> Path | None:
+    """Where the adapters are: None when LoRA is off; `lora.dir`; unset with the tiny model, its own demo
+    folder (built with it)."""
+    if not lora_cfg.enabled:
+        return None
+    if lora_cfg.dir is not None:
+        return Path(os.path.expanduser(lora_cfg.dir))
+    if model_cfg.source == "tiny":
+        from serve_app.engines.tiny_model import ensure_tiny_loras
+
+        return ensure_tiny_loras(ensure_tiny_model(model_cfg.tiny_dir, seed=model_cfg.seed))
+    return None

@@ -153,3 +153,57 @@ def ensure_tiny_model(folder: str | Path | None = None, seed: int = 0) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+DEMO_ADAPTER = "tiny-demo"
+# what a LoRA adapter of Z-Image usually adapts: every attention and MLP linear of the blocks
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3"]
+
+
+def build_lora_adapter(folder: str | Path, name: str, transformer_config: dict, rank: int = 4, alpha: float | None = None,
+                       seed: int = 0, std: float = 0.05, targets: list[str] | None = None) -> Path:
+    """Write a LoRA adapter of seeded random weights for a DiT of `transformer_config` to
+    `folder/<name>.safetensors`, in diffusers' LoRA format: peft's `LoraConfig` on a copy of the DiT, its
+    state dict saved by `ZImagePipeline.save_lora_weights` with the config as metadata (alpha / rank is
+    the scaling peft reads back). The DiT copy is weightless, so this works for the full-size model too."""
+    from diffusers import ZImagePipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from serve_app.engines.lora import weightless_transformer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    skeleton = weightless_transformer(transformer_config)
+    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, target_modules=targets or LORA_TARGETS)
+    skeleton.add_adapter(config, adapter_name=name)
+    state = get_peft_model_state_dict(skeleton, adapter_name=name)
+    g = torch.Generator("cpu").manual_seed(seed)
+    # both factors random (peft would start B at zero: an adapter that changes nothing)
+    state = {k: torch.randn(v.shape, generator=g) * std for k, v in state.items()}
+    ZImagePipeline.save_lora_weights(str(folder), transformer_lora_layers=state, weight_name=name + ".safetensors",
+                                     transformer_lora_adapter_metadata=config.to_dict())
+    return folder / (name + ".safetensors")
+
+
+def ensure_tiny_loras(tiny_folder: str | Path) -> Path:
+    """The tiny model's adapter folder (`<tiny_folder>/loras`), with its demo adapter `tiny-demo`, built
+    once (atomically, as the model is)."""
+    from serve_app.engines.model_configs import TINY_TRANSFORMER_CONFIG
+
+    folder = Path(tiny_folder) / "loras"
+    target = folder / (DEMO_ADAPTER + ".safetensors")
+    if target.exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(str(folder) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.exists():
+            return folder
+        tmp = Path(tempfile.mkdtemp(prefix="demo.", dir=folder.parent))
+        try:
+            built = build_lora_adapter(tmp, DEMO_ADAPTER, TINY_TRANSFORMER_CONFIG, rank=4, seed=1)
+            os.replace(built, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder

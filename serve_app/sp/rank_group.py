@@ -61,7 +61,7 @@ class SPRankWorker:
         )
         if device.type == "cpu":
             torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
-        self.engine = DenoiserEngine(self.cfg.model, self.cfg.denoiser, device=device, sp=sp_options(self.cfg.denoiser))
+        self.engine = DenoiserEngine(self.cfg.model, self.cfg.denoiser, device=device, sp=sp_options(self.cfg.denoiser), lora=self.cfg.lora)
         return {**sp_rank_info(self.engine), "node_ip": ray.util.get_node_ip_address(), "gpu_ids": ray.get_gpu_ids()}
 
     def denoise(self, requests: list[DenoiseRequest]) -> list[torch.Tensor] | None:
@@ -71,6 +71,15 @@ class SPRankWorker:
     def warmup(self, sizes: list[tuple[int, int]], steps: int = 1, batch: int = 1) -> None:
         self.engine.warmup([tuple(s) for s in sizes], steps, batch)
         self.compile_watch.serving()
+
+    def load_adapter(self, name: str) -> None:  # every rank holds the same adapters
+        self.engine.load_adapter(name)
+
+    def unload_adapter(self, name: str) -> None:
+        self.engine.unload_adapter(name)
+
+    def check_adapters(self, adapters) -> None:
+        self.engine.check_adapters(adapters)
 
     @ray.method(concurrency_group="health")
     def ping(self) -> int:
@@ -158,6 +167,16 @@ class SPGroup:
         with self._busy():
             reqs = ray.put(requests)  # CPU tensors (stage_messages), stored once for every rank
             return _get_all(self._refs("denoise", reqs), timeout_s)[0]
+
+    def load_adapter(self, name: str) -> None:
+        """Every rank reads LoRA adapter `name` (each rank's side paths compute the same adapter set)."""
+        _get_all(self._refs("load_adapter", name), self.timeout_s)
+
+    def unload_adapter(self, name: str) -> None:
+        _get_all(self._refs("unload_adapter", name), self.timeout_s)
+
+    def check_adapters(self, adapters) -> None:
+        _get_all(self._refs("check_adapters", tuple(adapters)), self.timeout_s)
 
     def warmup(self, sizes: list[tuple[int, int]], steps: int = 1, batch: int = 1) -> None:
         with self._busy():
