@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve_app.config import ServerConfig
+from serve_app.config import LoraConfig, ServerConfig
 
 
 class APIError(Exception):
@@ -25,6 +25,15 @@ class APIError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class LoraRef(BaseModel):
+    """One LoRA adapter of a request and its scale (diffusers' `set_adapters(..., adapter_weights=)`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="An adapter name from GET /v1/loras.")
+    scale: float = Field(1.0, description="Its weight: 0 turns it off, 1 is the adapter as trained.")
 
 
 class ImageGenerationRequest(BaseModel):
@@ -45,6 +54,9 @@ class ImageGenerationRequest(BaseModel):
     num_inference_steps: int | None = Field(None, description="DiT forwards (Turbo: 8).")
     guidance_scale: float = Field(0.0, description="Classifier-free guidance; 0 (Turbo's default) turns it off.")
     negative_prompt: str | None = None
+    lora: str | list[LoraRef] | None = Field(
+        None, description="LoRA adapters from GET /v1/loras: one name (scale 1), or a list of {name, scale} applied together.",
+        examples=["tiny-demo", [{"name": "tiny-demo", "scale": 0.8}]])
 
 
 class ImageEditRequest(ImageGenerationRequest):
@@ -70,6 +82,7 @@ class ValidatedRequest(BaseModel):
     guidance_scale: float
     negative_prompt: str | None
     strength: float | None = None  # edits only
+    lora: tuple[tuple[str, float], ...] = ()  # ((adapter name, scale), ...)
 
 
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
@@ -137,12 +150,59 @@ def validate_edit_request(req: ImageEditRequest, server: ServerConfig, model_nam
     return out
 
 
+def validate_lora(value: str | list | None, cfg: LoraConfig, folder) -> tuple[tuple[str, float], ...]:
+    """The request's `lora` as ((name, scale), ...): each a name of an adapter inside `folder` (never a path:
+    `..`, absolute paths and symlinks out of the folder are unknown names), no name twice, at most
+    `lora.max_adapters_per_request`, each |scale| <= `lora.max_abs_scale`. 400 naming `lora` otherwise."""
+    import math
+
+    from serve_app.engines.lora import UnknownAdapter, resolve_adapter
+
+    if value is None or value == []:
+        return ()
+    if not cfg.enabled:
+        raise APIError(400, "this server serves no LoRA adapters", param="lora", code="lora_not_found")
+    try:
+        refs = [LoraRef(name=value)] if isinstance(value, str) else [v if isinstance(v, LoraRef) else LoraRef.model_validate(v) for v in value]
+    except (TypeError, ValueError) as e:  # pydantic's ValidationError is a ValueError
+        raise APIError(400, f"lora must be an adapter name or a list of {{name, scale}}: {e}", param="lora", code="invalid_value") from None
+    if len(refs) > cfg.max_adapters_per_request:
+        raise APIError(400, f"at most {cfg.max_adapters_per_request} LoRA adapters per request", param="lora", code="invalid_value")
+    if len({r.name for r in refs}) < len(refs):
+        raise APIError(400, "a LoRA adapter is named twice", param="lora", code="invalid_value")
+    out = []
+    for r in refs:
+        if not math.isfinite(r.scale) or abs(r.scale) > cfg.max_abs_scale:
+            raise APIError(400, f"a LoRA scale must be between -{cfg.max_abs_scale} and {cfg.max_abs_scale}", param="lora", code="invalid_value")
+        try:
+            resolve_adapter(folder, r.name)
+        except UnknownAdapter as e:
+            raise APIError(400, str(e), param="lora", code="lora_not_found") from None
+        out.append((r.name, float(r.scale)))
+    return tuple(out)
+
+
+def parse_lora_form(value: str | None):
+    """A multipart `lora` field: an adapter name, or the JSON list a JSON body would carry."""
+    import json
+
+    if value is None or not value.lstrip().startswith("["):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError:
+        raise APIError(400, "lora: not a name and not a JSON list of {name, scale}", param="lora", code="invalid_value") from None
+
+
 def warmup_size(server: ServerConfig) -> str:
     """What `/health` warms up with: the smallest square the server accepts (at least 64 px a side)."""
     return f"{server.smallest_side}x{server.smallest_side}"
 
 
 def param_from_pydantic_loc(loc: tuple) -> str | None:
-    """('body', 'n') -> 'n'; a body that is not an object -> None."""
+    """('body', 'n') -> 'n'; a body that is not an object -> None. The request's own field, never the
+    branch of a union pydantic tried (('body', 'lora', 'list[LoraRef]', 0, 'scale') -> 'lora')."""
     parts = [str(p) for p in loc if p != "body"]
+    if parts and parts[0] in ImageEditRequest.model_fields:
+        return parts[0]
     return ".".join(parts) or None

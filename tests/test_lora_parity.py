@@ -124,7 +124,7 @@ def test_adapter_names_stay_inside_the_folder(lora_dir, tmp_path):
         assert list_adapters(lora_dir) == ["alias", "folder-c", "style-a", "style-b"]
         assert resolve_adapter(lora_dir, "style-a") == lora_dir / "style-a.safetensors"
         assert resolve_adapter(lora_dir, "folder-c") == lora_dir / "folder-c"
-        for bad in ["escape", "../outside", str(outside), str(outside.with_suffix("")), "..", ".", "", "a/b", "style-a.safetensors/..", "nope"]:
+        for bad in ["escape", "../outside", str(outside), str(outside.with_suffix("")), "..", ".", "", "a/b", "style-a.safetensors/..", "style-a.safetensors", "nope"]:
             with pytest.raises(UnknownAdapter):
                 resolve_adapter(lora_dir, bad)
     finally:
@@ -142,6 +142,18 @@ def test_the_tiny_demo_adapter_is_built_and_loads(tiny_dir):
                             torch.device("cpu"), torch.float32)
     adapters.activate(((DEMO_ADAPTER, 1.0),))
     assert adapters.stats()["loaded"] == [DEMO_ADAPTER] and len(adapters.load(DEMO_ADAPTER).layers) == 7 * 6  # 7 linears x 6 blocks
+
+
+def test_a_name_with_dots_loads(lora_dir):
+    """peft refuses '.' in its adapter names; ours may have them (`v1.5-style`)."""
+    build_lora_adapter(lora_dir / "dotted", "v1.5-style", TINY_TRANSFORMER_CONFIG, rank=2, seed=14)
+    from diffusers import ZImageTransformer2DModel
+
+    model = ZImageTransformer2DModel(**TINY_TRANSFORMER_CONFIG)
+    adapters = LoraAdapters(lora_dir / "dotted", install_side_paths(model, 16, torch.device("cpu"), torch.float32), dict(model.config),
+                            torch.device("cpu"), torch.float32)
+    adapters.activate((("v1.5-style", 1.0),))
+    assert adapters.stats()["active"] == [["v1.5-style", 1.0]]
 
 
 def test_switching_adapters_never_recompiles(lora_dir):

@@ -1,9 +1,17 @@
 """DiT-denoiser deployment: batches requests (serve_app/deployments/gpu_batcher.py) and runs each batch on
 its `Denoiser`: a local `DenoiserEngine`, or with ulysses_degree x ring_degree > 1 a sequence-parallel group
-of rank workers in the replica's own placement group (serve_app/sp/rank_group.py)."""
+of rank workers in the replica's own placement group (serve_app/sp/rank_group.py).
+
+LoRA adapters go through Ray Serve's model multiplexing: the ingress sends a request with adapters with
+`multiplexed_model_id` = its first adapter, so Serve routes it to a replica that holds that adapter if one
+does; here each adapter of the request is got through the `@serve.multiplexed` loader, which keeps at most
+`lora.max_loaded` per replica (least recently used unloaded first) and tells the routers what this replica
+holds. Loading reads the adapter on the engine (every rank of an SP group) beside the GPU thread.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,6 +21,7 @@ from serve_app.config import AppConfig
 from serve_app.deployments.gpu_batcher import GpuBatcher
 from serve_app.deployments.stage_stats import StageStats
 from serve_app.engines.denoiser import PIXELS_PER_LATENT_PATCH, Denoiser, DenoiserEngine, check_positions, position_limits
+from serve_app.engines.lora import UnknownAdapter
 from serve_app.engines.model_sources import load_transformer_config
 from serve_app.openai_api import APIError
 from serve_app.stage_messages import DenoisedLatents, DenoiseRequest
@@ -26,6 +35,24 @@ def make_denoiser(cfg: AppConfig) -> Denoiser:
 
         return SPGroup(cfg, placement_group=ray.util.get_current_placement_group(), first_bundle_index=1)
     return DenoiserEngine(cfg.model, cfg.denoiser, lora=cfg.lora)
+
+
+class _HeldAdapter:
+    """What Serve's multiplexing caches per adapter name: when it unloads one (LRU), the engine drops it."""
+
+    def __init__(self, engine: Denoiser, name: str, held: set):
+        self.engine, self.name, self.held, self.unloaded = engine, name, held, False
+        held.add(name)
+
+    def __del__(self):  # Serve calls it on unloading (and Python may again when the object goes)
+        if self.unloaded:
+            return
+        self.unloaded = True
+        self.held.discard(self.name)
+        try:
+            self.engine.unload_adapter(self.name)
+        except Exception:  # a dead SP rank: the health check replaces the group
+            pass
 
 
 @serve.deployment
@@ -51,6 +78,16 @@ class DenoiserDeployment:
             cost_fn=lambda r: r.height * r.width, max_batch_cost=cfg.denoiser.max_batch_pixels,
             wait_fn=lambda r: r.companions > 1,  # wait for company only when some is on its way
         )
+        self._held_adapters: set[str] = set()
+        if cfg.lora.enabled:
+            engine, held = self.engine, self._held_adapters
+
+            async def load_adapter(name: str) -> _HeldAdapter:
+                await asyncio.to_thread(engine.load_adapter, name)
+                return _HeldAdapter(engine, name, held)
+
+            # wrapped here, not on the class: the per-replica limit comes from the config
+            self._adapter = serve.multiplexed(max_num_models_per_replica=cfg.lora.max_loaded)(load_adapter)
 
     def _denoise(self, requests: list[DenoiseRequest]) -> list[DenoisedLatents]:
         self._batch_started = time.monotonic()
@@ -73,9 +110,30 @@ class DenoiserDeployment:
         except ValueError as e:
             raise APIError(400, str(e), param="prompt" if "prompt" in str(e) else "size", code="invalid_value") from None
 
+    async def _load_adapters(self, request: DenoiseRequest) -> float:
+        """Get the request's adapters through Serve's multiplexed loader; seconds spent waiting for any
+        that this replica did not hold yet (0 when it held them all)."""
+        if not request.lora:
+            return 0.0
+        if not hasattr(self, "_adapter"):
+            raise APIError(400, "this server serves no LoRA adapters", param="lora", code="lora_not_found")
+        t0, fresh = time.perf_counter(), any(n not in self._held_adapters for n, _ in request.lora)
+        try:
+            for name, _ in request.lora:
+                await self._adapter(name)
+            await asyncio.to_thread(self.engine.check_adapters, request.lora)  # ranks within lora.max_rank
+        except UnknownAdapter as e:  # gone from lora.dir since the ingress looked
+            raise APIError(400, str(e), param="lora", code="lora_not_found") from None
+        except ValueError as e:  # not a LoRA checkpoint, DoRA, ranks past lora.max_rank, ...
+            raise APIError(400, f"lora: {e}", param="lora", code="invalid_value") from None
+        return time.perf_counter() - t0 if fresh else 0.0
+
     async def denoise(self, request: DenoiseRequest) -> DenoisedLatents:
         self._validate(request)
-        return await self._batcher.submit(request)
+        load_s = await self._load_adapters(request)
+        result = await self._batcher.submit(request)
+        result.timings["lora_load_s"] = load_s
+        return result
 
     def stats(self) -> dict:
         # "engine": what the DiT builder applied on this chip (attention per block group, FP8, compile, SP

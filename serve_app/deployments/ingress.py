@@ -38,10 +38,14 @@ from serve_app.openai_api import (
     ImageGenerationRequest,
     ValidatedRequest,
     param_from_pydantic_loc,
+    parse_lora_form,
     validate_edit_request,
+    validate_lora,
     validate_request,
     warmup_size,
 )
+from serve_app.engines.lora import list_adapters
+from serve_app.engines.model_sources import lora_folder
 from serve_app.openapi_limits import configure as configure_openapi
 from serve_app.openapi_limits import install_openapi
 from serve_app.prompt_limits import PromptLimits
@@ -99,6 +103,7 @@ class ImageIngress:
         self.counters = {"requests": 0, "images": 0, "rejected_429": 0, "rejected_503": 0, "timeouts_504": 0, "worker_died_503": 0, "errors_500": 0}
         self.draining = False
         self.prompt_limits = PromptLimits(self.cfg)  # the model's own limits: tokenizer, DiT positions
+        self.lora_folder = lora_folder(self.cfg.model, self.cfg.lora)  # None: LoRA off
         BodyLimit.max_body_bytes = self.server.max_body_bytes
         BodyLimit.max_multipart_bytes = self.server.max_body_bytes + 2 * self.server.max_upload_bytes  # image + mask
         configure_openapi(self.cfg, self.prompt_limits.max_tokens)
@@ -168,6 +173,7 @@ class ImageIngress:
         num_inference_steps: int | None = Form(None),
         guidance_scale: float = Form(0.0),
         negative_prompt: str | None = Form(None),
+        lora: str | None = Form(None, description="An adapter name, or a JSON list of {name, scale}."),
     ) -> dict:
         # FastAPI resolves this signature's (string) annotations from the method's globals, and the Serve
         # replica gets the method by value with only the globals its body names: so name UploadFile here
@@ -177,6 +183,7 @@ class ImageIngress:
             quality=quality, user=user, background=background, input_fidelity=input_fidelity,
             output_compression=output_compression, strength=strength, seed=seed,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
+            lora=parse_lora_form(lora),
         )
         try:
             body = ImageEditRequest(**fields)
@@ -195,6 +202,12 @@ class ImageIngress:
     @api.get("/v1/models")
     async def models(self) -> dict:
         return {"object": "list", "data": [{"id": self.cfg.model.name, "object": "model", "created": 0, "owned_by": "serve_app"}]}
+
+    @api.get("/v1/loras")
+    async def loras(self) -> dict:
+        """The LoRA adapters a request may name in `lora` (the adapters of `lora.dir`)."""
+        names = await asyncio.to_thread(list_adapters, self.lora_folder) if self.lora_folder is not None else []
+        return {"object": "list", "data": [{"id": n, "object": "lora"} for n in names]}
 
     @api.get("/health/live")
     async def health_live(self) -> dict:
@@ -245,6 +258,7 @@ class ImageIngress:
             req = validate_request(body, self.server, self.cfg.model.name, dn_cfg.max_steps, dn_cfg.default_steps)
         else:
             req = validate_edit_request(body, self.server, self.cfg.model.name, dn_cfg.max_steps, dn_cfg.default_steps, edit.mask is not None)
+        req.lora = await asyncio.to_thread(validate_lora, body.lora, self.cfg.lora, self.lora_folder)
         # the model's own limits, per request, before any stage: a prompt that would fail inside a batch
         # (untokenisable, or past the DiT's position tables) is this request's 400 alone
         await asyncio.to_thread(self.prompt_limits.check, req.prompt, "prompt")
@@ -315,6 +329,8 @@ class ImageIngress:
                 "queue_s": max(0.0, (t_stages - t0) - compute),
                 "total_s": t_end - t0,
                 "denoiser_batch": t.get("denoiser_batch", 1),
+                # reading this request's LoRA adapters on the DiT replica (0: it held them already)
+                "lora_load_s": t.get("lora_load_s", 0.0),
             }
             data.append({"image": img, "format": req.output_format, "width": req.width, "height": req.height, "seed": seed, "timings": timings})
         return {"created": int(time.time()), "data": data, "timings": {"total_s": t_end - t0, "encode_s": t_end - t_stages}}
@@ -349,11 +365,13 @@ class ImageIngress:
             request = DenoiseRequest(
                 embeds=prompt.embeds, height=req.height, width=req.width, steps=req.steps, seed=seed,
                 guidance_scale=req.guidance_scale, negative_embeds=negative.embeds if negative is not None else None,
-                companions=max(req.n, prompt.batch),
+                companions=max(req.n, prompt.batch), lora=req.lora,
             )
             if image_latents is not None:
                 request.image_latents, request.strength, request.mask = image_latents.latents[i], req.strength, mask
-            latents = await call("denoiser", self.denoiser.denoise, request)
+            # Serve's model multiplexing: to a replica that holds the (first) adapter, if one does
+            denoiser = self.denoiser.options(multiplexed_model_id=req.lora[0][0]) if req.lora else self.denoiser
+            latents = await call("denoiser", denoiser.denoise, request)
             decoded = await call("VAE decoder", self.vae.decode, latents)
             decoded.timings["text_encoder_s"] = text_encoder_s
             return decoded

@@ -82,9 +82,11 @@ def resolve_adapter(folder: str | Path | None, name: str) -> Path:
     if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name) or name in (".", ".."):
         raise UnknownAdapter(f"{str(name)[:64]!r} is not an adapter name (letters, digits, '.', '_', '-'; see GET /v1/loras)")
     folder = Path(folder)
-    for candidate in (folder / (name + WEIGHT_SUFFIX), folder / name):
-        if os.path.lexists(candidate) and _is_adapter(candidate, folder):
-            return candidate
+    file, directory = folder / (name + WEIGHT_SUFFIX), folder / name
+    if os.path.lexists(file) and _is_adapter(file, folder):
+        return file
+    if directory.is_dir() and _is_adapter(directory, folder):  # `x.safetensors` names no adapter: `x` does
+        return directory
     raise UnknownAdapter(f"unknown LoRA adapter {name!r}; GET /v1/loras lists them")
 
 
@@ -127,19 +129,20 @@ def read_adapter(path: str | Path, name: str, transformer_config: dict, device: 
     if not state_dict or not all("lora" in k for k in state_dict):
         raise ValueError(f"adapter {name!r} is not a LoRA checkpoint (LoKr and other formats are not served)")
     skeleton = weightless_transformer(transformer_config)
-    ZImagePipeline.load_lora_into_transformer(state_dict, transformer=skeleton, adapter_name=name, metadata=metadata, low_cpu_mem_usage=True)
+    key = "adapter"  # peft's name for it in the skeleton (ours may hold a '.', which peft refuses)
+    ZImagePipeline.load_lora_into_transformer(state_dict, transformer=skeleton, adapter_name=key, metadata=metadata, low_cpu_mem_usage=True)
     layers, nbytes = {}, 0
     for fqn, module in skeleton.named_modules():
-        if not isinstance(module, BaseTunerLayer) or name not in getattr(module, "active_adapters", [name]):
+        if not isinstance(module, BaseTunerLayer):
             continue
-        if not isinstance(module, LoraLayer) or name not in module.lora_A:
+        if not isinstance(module, LoraLayer) or key not in module.lora_A:
             raise ValueError(f"adapter {name!r}: {fqn} is not a LoRA layer (LoKr and other formats are not served)")
-        if module.use_dora.get(name) or getattr(module, "lora_bias", {}).get(name):
+        if module.use_dora.get(key) or getattr(module, "lora_bias", {}).get(key):
             raise ValueError(f"adapter {name!r}: DoRA and LoRA biases are not served")
         if not isinstance(module.get_base_layer(), torch.nn.Linear):
             raise ValueError(f"adapter {name!r}: {fqn} is not a linear layer")
-        a = module.lora_A[name].weight.detach()
-        b = module.lora_B[name].weight.detach() * module.scaling[name]
+        a = module.lora_A[key].weight.detach()
+        b = module.lora_B[key].weight.detach() * module.scaling[key]
         layers[fqn] = (a.to(device, dtype).contiguous(), b.to(device, dtype).contiguous())
         nbytes += sum(t.numel() * t.element_size() for t in layers[fqn])
     if not layers:

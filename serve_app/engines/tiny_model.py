@@ -176,8 +176,8 @@ def build_lora_adapter(folder: str | Path, name: str, transformer_config: dict, 
     folder.mkdir(parents=True, exist_ok=True)
     skeleton = weightless_transformer(transformer_config)
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, target_modules=targets or LORA_TARGETS)
-    skeleton.add_adapter(config, adapter_name=name)
-    state = get_peft_model_state_dict(skeleton, adapter_name=name)
+    skeleton.add_adapter(config, adapter_name="adapter")  # peft refuses '.' in its names; files may have them
+    state = get_peft_model_state_dict(skeleton, adapter_name="adapter")
     g = torch.Generator("cpu").manual_seed(seed)
     # both factors random (peft would start B at zero: an adapter that changes nothing)
     state = {k: torch.randn(v.shape, generator=g) * std for k, v in state.items()}
