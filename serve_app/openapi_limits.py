@@ -68,11 +68,19 @@ def build_schema(api: FastAPI, cfg: AppConfig, max_prompt_tokens: int | None) ->
         _constrain(req["seed"], minimum=0, maximum=2**63 - server.max_n - 1)
         for f in ("model", "quality", "style", "user"):
             _constrain(req[f], maxLength=s.max_string_chars)
+        lora = cfg.lora
+        if "lora" in req:
+            req["lora"]["description"] = (
+                ("LoRA adapters from GET /v1/loras: one name (scale 1), or a list of {name, scale} applied together"
+                 f" (at most {lora.max_adapters_per_request}, |scale| <= {lora.max_abs_scale}).") if lora.enabled
+                else "This server serves no LoRA adapters: only null or [] is accepted.")
     schema["info"]["x-limits"] = {
         "max_body_bytes": s.max_body_bytes, "max_prompt_chars": s.max_prompt_chars, "max_prompt_tokens": max_prompt_tokens,
         "max_string_chars": s.max_string_chars, "max_n": s.max_n, "min_size": s.min_size, "max_size": s.max_size,
         "size_multiple": s.size_multiple, "max_steps": cfg.denoiser.max_steps, "max_inflight_images": s.max_inflight_images,
         "request_timeout_s": s.request_timeout_s,
+        "lora_max_adapters_per_request": cfg.lora.max_adapters_per_request if cfg.lora.enabled else 0,
+        "lora_max_abs_scale": cfg.lora.max_abs_scale,
     }
     return schema
 

@@ -161,7 +161,8 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3"]
 
 
 def build_lora_adapter(folder: str | Path, name: str, transformer_config: dict, rank: int = 4, alpha: float | None = None,
-                       seed: int = 0, std: float = 0.05, targets: list[str] | None = None) -> Path:
+                       seed: int = 0, std: float = 0.05, targets: list[str] | None = None,
+                       dtype: torch.dtype = torch.float32) -> Path:
     """Write a LoRA adapter of seeded random weights for a DiT of `transformer_config` to
     `folder/<name>.safetensors`, in diffusers' LoRA format: peft's `LoraConfig` on a copy of the DiT, its
     state dict saved by `ZImagePipeline.save_lora_weights` with the config as metadata (alpha / rank is
@@ -180,7 +181,7 @@ def build_lora_adapter(folder: str | Path, name: str, transformer_config: dict, 
     state = get_peft_model_state_dict(skeleton, adapter_name="adapter")
     g = torch.Generator("cpu").manual_seed(seed)
     # both factors random (peft would start B at zero: an adapter that changes nothing)
-    state = {k: torch.randn(v.shape, generator=g) * std for k, v in state.items()}
+    state = {k: (torch.randn(v.shape, generator=g) * std).to(dtype) for k, v in state.items()}
     ZImagePipeline.save_lora_weights(str(folder), transformer_lora_layers=state, weight_name=name + ".safetensors",
                                      transformer_lora_adapter_metadata=config.to_dict())
     return folder / (name + ".safetensors")
