@@ -126,6 +126,13 @@ class LoraConfig(_Strict):
     max_adapters_per_request: int = Field(4, ge=1)
     max_abs_scale: float = Field(8.0, gt=0)
 
+    @model_validator(mode="after")
+    def _a_request_fits_a_replica(self) -> "LoraConfig":
+        # a request's adapters are held together: more than max_loaded would unload one of its own
+        if self.max_adapters_per_request > self.max_loaded:
+            raise ValueError(f"max_adapters_per_request ({self.max_adapters_per_request}) must be at most max_loaded ({self.max_loaded})")
+        return self
+
 
 class VaeConfig(_Strict):
     # decode tiled when the image has more pixels than this (bounds activation memory at 2K and up)

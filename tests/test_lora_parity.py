@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from serve_app.config import AppConfig, LoraConfig, ModelConfig
-from serve_app.engines.lora import LoraAdapters, UnknownAdapter, install_side_paths, list_adapters, resolve_adapter, side_paths
+from serve_app.engines.lora import AdapterError, LoraAdapters, UnknownAdapter, install_side_paths, list_adapters, resolve_adapter, side_paths
 from serve_app.engines.model_configs import TINY_TRANSFORMER_CONFIG
 from serve_app.engines.tiny_model import DEMO_ADAPTER, build_lora_adapter, ensure_tiny_loras
 from serve_app.pipeline import StagedPipeline
@@ -111,7 +111,7 @@ def test_ranks_past_max_rank_are_refused(tiny_dir, lora_dir):
     engine = DenoiserEngine(ModelConfig(source="tiny", tiny_dir=str(tiny_dir)), AppConfig().denoiser,
                             lora=LoraConfig(enabled=True, dir=str(lora_dir), max_rank=10))
     engine.check_adapters((("style-b", 1.0),))  # rank 8
-    with pytest.raises(ValueError, match="max_rank"):
+    with pytest.raises(AdapterError, match="max_rank"):
         engine.check_adapters((("style-a", 1.0), ("style-b", 1.0)))  # 4 + 8 at the attention
 
 
@@ -185,3 +185,61 @@ def test_switching_adapters_never_recompiles(lora_dir):
     assert not torch.allclose(outs[0], base) and not torch.allclose(outs[1], outs[0])
     assert torch.equal(outs[-1], base)  # off again: the base model's output
     assert len(side_paths(model)) == sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+
+
+SP_LAYOUTS = [(2, 1), (1, 2)]  # diffusers' Ulysses 2, our ring 2
+
+
+def _sp_worker(rank: int, tiny_dir: str, lora_dir: str, ports: list[int], out_dir: str) -> None:
+    torch.set_num_threads(1)
+    from serve_app.config import DenoiserConfig
+    from serve_app.engines.denoiser import DenoiserEngine
+    from serve_app.sp.process_group import init_sp_process_group, sp_options
+
+    for (u, r), port in zip(SP_LAYOUTS, ports):
+        init_sp_process_group(rank, u * r, "127.0.0.1", port, timeout_s=120)
+        cfg = DenoiserConfig(ulysses_degree=u, ring_degree=r)
+        engine = DenoiserEngine(ModelConfig(source="tiny", tiny_dir=tiny_dir), cfg, device=torch.device("cpu"), sp=sp_options(cfg),
+                                lora=LoraConfig(enabled=True, dir=lora_dir, max_rank=16))
+        engine.load_adapter("style-a")  # as the deployment's multiplexed loader does on every rank
+        out = [t.cpu() for t in engine.denoise(_sp_requests(engine.cap_feat_dim))]
+        if rank == 0:
+            torch.save({"latents": out, "lora": engine.stats()["lora"]}, os.path.join(out_dir, f"u{u}r{r}.pt"))
+        torch.distributed.destroy_process_group()
+
+
+def _sp_requests(cap_dim: int):
+    from serve_app.engines.denoiser import DenoiseRequest
+
+    emb = torch.randn(9, cap_dim, generator=torch.Generator().manual_seed(0))
+    return [DenoiseRequest(embeds=emb, height=SIZE, width=SIZE, steps=2, seed=s, lora=lora)
+            for s, lora in ((1, (("style-a", 1.0),)), (2, (("style-b", 0.7), ("style-a", 0.3))), (3, ()))]
+
+
+def test_sequence_parallel_ranks_apply_the_same_adapters(tiny_dir, lora_dir, tmp_path):
+    """Every SP rank holds the same adapters and their side paths compute on its shard: the group's
+    latents are the single process's (tests/test_sp_engine.py's bound, atol 1e-4 on fp32 latents)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from serve_app.config import DenoiserConfig
+    from serve_app.engines.denoiser import DenoiserEngine
+
+    socks = [socket.socket() for _ in SP_LAYOUTS]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    mp.start_processes(_sp_worker, args=(str(tiny_dir), str(lora_dir), ports, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    single = DenoiserEngine(ModelConfig(source="tiny", tiny_dir=str(tiny_dir)), DenoiserConfig(), device=torch.device("cpu"),
+                            lora=LoraConfig(enabled=True, dir=str(lora_dir), max_rank=16))
+    reqs = _sp_requests(single.cap_feat_dim)
+    ref = single.denoise(reqs)
+    for u, r in SP_LAYOUTS:
+        got = torch.load(tmp_path / f"u{u}r{r}.pt")
+        assert got["lora"]["loaded"] == ["style-a", "style-b"]
+        for a, b in zip(got["latents"], ref):
+            assert (a - b).abs().max().item() <= 1e-4
+    assert not torch.allclose(ref[0], ref[2]) and not torch.allclose(ref[1], ref[0])

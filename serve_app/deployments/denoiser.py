@@ -21,7 +21,7 @@ from serve_app.config import AppConfig
 from serve_app.deployments.gpu_batcher import GpuBatcher
 from serve_app.deployments.stage_stats import StageStats
 from serve_app.engines.denoiser import PIXELS_PER_LATENT_PATCH, Denoiser, DenoiserEngine, check_positions, position_limits
-from serve_app.engines.lora import UnknownAdapter
+from serve_app.engines.lora import AdapterError, UnknownAdapter
 from serve_app.engines.model_sources import load_transformer_config
 from serve_app.openai_api import APIError
 from serve_app.stage_messages import DenoisedLatents, DenoiseRequest
@@ -124,8 +124,9 @@ class DenoiserDeployment:
             await asyncio.to_thread(self.engine.check_adapters, request.lora)  # ranks within lora.max_rank
         except UnknownAdapter as e:  # gone from lora.dir since the ingress looked
             raise APIError(400, str(e), param="lora", code="lora_not_found") from None
-        except ValueError as e:  # not a LoRA checkpoint, DoRA, ranks past lora.max_rank, ...
+        except AdapterError as e:  # not a LoRA checkpoint, DoRA, ranks past lora.max_rank, ...
             raise APIError(400, f"lora: {e}", param="lora", code="invalid_value") from None
+        # anything else (an unreadable file in lora.dir) is the server's: a 500 with the request id
         return time.perf_counter() - t0 if fresh else 0.0
 
     async def denoise(self, request: DenoiseRequest) -> DenoisedLatents:

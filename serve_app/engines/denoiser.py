@@ -31,7 +31,7 @@ from serve_app.config import DenoiserConfig, LoraConfig, ModelConfig
 from serve_app.engines.compile_cache import use_compile_cache
 from serve_app.engines.devices import placement
 from serve_app.engines.dit_builder import SPOptions, build_dit
-from serve_app.engines.lora import LoraAdapters, side_paths
+from serve_app.engines.lora import AdapterError, LoraAdapters, side_paths
 from serve_app.engines.model_sources import load_scheduler_config, lora_folder
 from serve_app.stage_messages import DenoiseRequest
 
@@ -175,9 +175,9 @@ class DenoiserEngine:
         return {**self._stats.snapshot(), **({"lora": self.lora.stats()} if self.lora is not None else {})}
 
     def load_adapter(self, name: str) -> None:
-        """Hold LoRA adapter `name` (read now unless held); UnknownAdapter / ValueError if it cannot be."""
+        """Hold LoRA adapter `name` (read now unless held); AdapterError if it cannot be."""
         if self.lora is None:
-            raise ValueError("this DiT serves no LoRA adapters (lora.dir is not set)")
+            raise AdapterError("this DiT serves no LoRA adapters (lora.enabled is off)")
         self.lora.load(name)
 
     def unload_adapter(self, name: str) -> None:
@@ -185,9 +185,9 @@ class DenoiserEngine:
             self.lora.unload(name)
 
     def check_adapters(self, adapters) -> None:
-        """ValueError if this adapter set cannot run (ranks past lora.max_rank); loads what it names."""
+        """AdapterError if this adapter set cannot run (ranks past lora.max_rank); loads what it names."""
         if adapters and self.lora is None:
-            raise ValueError("this DiT serves no LoRA adapters (lora.dir is not set)")
+            raise AdapterError("this DiT serves no LoRA adapters (lora.enabled is off)")
         if adapters:
             self.lora.check(tuple(adapters))
 
@@ -252,7 +252,7 @@ class DenoiserEngine:
         if self.lora is not None:
             self.lora.activate(lora)
         elif lora:
-            raise ValueError("this DiT serves no LoRA adapters (lora.dir is not set)")
+            raise AdapterError("this DiT serves no LoRA adapters (lora.enabled is off)")
         n = len(reqs)
         lh, lw = 2 * (height // PIXELS_PER_LATENT_PATCH), 2 * (width // PIXELS_PER_LATENT_PATCH)
         scheduler = self._scheduler(steps, (lh // 2) * (lw // 2), start)

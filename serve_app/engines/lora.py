@@ -38,7 +38,11 @@ WEIGHT_SUFFIX = ".safetensors"
 AdapterSet = tuple[tuple[str, float], ...]  # ((name, scale), ...), in the request's order
 
 
-class UnknownAdapter(ValueError):
+class AdapterError(ValueError):
+    """An adapter set a request may not use (its message names only adapters, never files)."""
+
+
+class UnknownAdapter(AdapterError):
     """A name that is not an adapter inside the folder (malformed, escaping it, or not there)."""
 
 
@@ -127,7 +131,7 @@ def read_adapter(path: str | Path, name: str, transformer_config: dict, device: 
     source = str(path.parent if path.is_file() else path)
     state_dict, metadata = ZImagePipeline.lora_state_dict(source, return_lora_metadata=True, local_files_only=True, **kwargs)
     if not state_dict or not all("lora" in k for k in state_dict):
-        raise ValueError(f"adapter {name!r} is not a LoRA checkpoint (LoKr and other formats are not served)")
+        raise AdapterError(f"adapter {name!r} is not a LoRA checkpoint (LoKr and other formats are not served)")
     skeleton = weightless_transformer(transformer_config)
     key = "adapter"  # peft's name for it in the skeleton (ours may hold a '.', which peft refuses)
     ZImagePipeline.load_lora_into_transformer(state_dict, transformer=skeleton, adapter_name=key, metadata=metadata, low_cpu_mem_usage=True)
@@ -136,17 +140,17 @@ def read_adapter(path: str | Path, name: str, transformer_config: dict, device: 
         if not isinstance(module, BaseTunerLayer):
             continue
         if not isinstance(module, LoraLayer) or key not in module.lora_A:
-            raise ValueError(f"adapter {name!r}: {fqn} is not a LoRA layer (LoKr and other formats are not served)")
+            raise AdapterError(f"adapter {name!r}: {fqn} is not a LoRA layer (LoKr and other formats are not served)")
         if module.use_dora.get(key) or getattr(module, "lora_bias", {}).get(key):
-            raise ValueError(f"adapter {name!r}: DoRA and LoRA biases are not served")
+            raise AdapterError(f"adapter {name!r}: DoRA and LoRA biases are not served")
         if not isinstance(module.get_base_layer(), torch.nn.Linear):
-            raise ValueError(f"adapter {name!r}: {fqn} is not a linear layer")
+            raise AdapterError(f"adapter {name!r}: {fqn} is not a linear layer")
         a = module.lora_A[key].weight.detach()
         b = module.lora_B[key].weight.detach() * module.scaling[key]
         layers[fqn] = (a.to(device, dtype).contiguous(), b.to(device, dtype).contiguous())
         nbytes += sum(t.numel() * t.element_size() for t in layers[fqn])
     if not layers:
-        raise ValueError(f"adapter {name!r} adapts no layer of this model")
+        raise AdapterError(f"adapter {name!r} adapts no layer of this model")
     return LoadedAdapter(name=name, layers=layers, nbytes=nbytes)
 
 
@@ -241,7 +245,7 @@ class LoraAdapters:
         adapter = read_adapter(path, name, self.transformer_config, self.device, self.dtype)
         unknown = sorted(set(adapter.layers) - set(self.side_paths))
         if unknown:
-            raise ValueError(f"adapter {name!r} adapts layers this DiT does not have: {', '.join(unknown[:3])}")
+            raise AdapterError(f"adapter {name!r} adapts layers this DiT does not have: {', '.join(unknown[:3])}")
         with self._lock:
             self._loaded.setdefault(name, adapter)
             self._stats.loads += 1
@@ -254,12 +258,12 @@ class LoraAdapters:
                 self._stats.unloads += 1
 
     def check(self, adapters: AdapterSet) -> None:
-        """ValueError if the set's ranks, summed per layer, pass the side paths' rank (lora.max_rank)."""
+        """AdapterError if the set's ranks, summed per layer, pass the side paths' rank (lora.max_rank)."""
         loaded = [self.load(n) for n, _ in adapters]
         for module in {m for a in loaded for m in a.layers}:
             total = sum(a.rank(module) for a in loaded)
             if total > self.max_rank:
-                raise ValueError(f"the adapters' ranks add up to {total} at {module}; this server computes at most "
+                raise AdapterError(f"the adapters' ranks add up to {total} at {module}; this server computes at most "
                                  f"lora.max_rank={self.max_rank}")
 
     def activate(self, adapters: AdapterSet) -> None:
