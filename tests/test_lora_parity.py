@@ -2,6 +2,8 @@
 on the same tiny weights, adapters and seeds (CPU, fp32, no Ray); adapter names; no recompile on a switch."""
 
 import os
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -243,3 +245,18 @@ def test_sequence_parallel_ranks_apply_the_same_adapters(tiny_dir, lora_dir, tmp
         for a, b in zip(got["latents"], ref):
             assert (a - b).abs().max().item() <= 1e-4
     assert not torch.allclose(ref[0], ref[2]) and not torch.allclose(ref[1], ref[0])
+
+
+def test_the_lora_block_of_a_config_maps_onto_lora_config():
+    import yaml
+    from pydantic import ValidationError
+
+    root = Path(__file__).resolve().parents[1]
+    args = yaml.safe_load((root / "configs" / "tiny-cpu.yaml").read_text())["applications"][0]["args"]
+    cfg = AppConfig.model_validate(args)
+    assert cfg.lora == LoraConfig(enabled=True, max_loaded=2, max_adapters_per_request=2, max_rank=16)
+    for bad, named in [({"lora": {"max_loadde": 3}}, "lora.max_loadde"),
+                       ({"lora": {"max_loaded": 1}}, "max_adapters_per_request (4) must be at most max_loaded (1)"),
+                       ({"model": {"source": "hub"}, "lora": {"enabled": True}}, "lora.dir: required")]:
+        with pytest.raises(ValidationError, match=re.escape(named)):
+            AppConfig.model_validate(bad)

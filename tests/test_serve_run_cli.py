@@ -38,8 +38,14 @@ def test_serve_run_tiny_cpu_config(tmp_path, tiny_dir):
                 break
             time.sleep(2)
         assert healthy, (tmp_path / "serve.log").read_text()[-3000:]
-        r = httpx.post("http://127.0.0.1:18455/v1/images/generations", json={"prompt": "a cat", "size": "64x64"}, timeout=60)
+        r = httpx.post("http://127.0.0.1:18455/v1/images/generations", json={"prompt": "a cat", "size": "64x64", "seed": 1}, timeout=60)
         assert r.status_code == 200 and r.json()["data"][0]["b64_json"]
+        # the file serves the tiny model's demo LoRA adapter out of the box
+        assert [d["id"] for d in httpx.get("http://127.0.0.1:18455/v1/loras", timeout=30).json()["data"]] == ["tiny-demo"]
+        lora = httpx.post("http://127.0.0.1:18455/v1/images/generations",
+                          json={"prompt": "a cat", "size": "64x64", "seed": 1, "lora": "tiny-demo"}, timeout=60)
+        assert lora.status_code == 200, lora.text
+        assert lora.json()["data"][0]["b64_json"] != r.json()["data"][0]["b64_json"]
     finally:
         _stop(proc)
 

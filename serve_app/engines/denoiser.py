@@ -60,6 +60,14 @@ class Denoiser(Protocol):
     def check_health(self) -> None:
         """Raise if the engine cannot serve (a dead or hung SP rank)."""
 
+    def load_adapter(self, name: str) -> None:
+        """Hold LoRA adapter `name` (an SP group: on every rank); AdapterError if it cannot be."""
+
+    def unload_adapter(self, name: str) -> None: ...
+
+    def check_adapters(self, adapters) -> None:
+        """AdapterError if this ((name, scale), ...) set cannot run here (ranks past lora.max_rank)."""
+
     def shutdown(self) -> None: ...
 
 

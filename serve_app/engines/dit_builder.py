@@ -1,5 +1,5 @@
-"""The one way to build the DiT: load, then attention processors -> context-parallel plan -> FP8 -> compile,
-in that order, once, and a frozen record of what was applied.
+"""The one way to build the DiT: load, then attention processors -> context-parallel plan -> FP8 -> LoRA side
+paths (when LoRA is on) -> compile, in that order, once, and a frozen record of what was applied.
 
 What the config asks for is first checked against the chip (`serve_app.engines.platform`): an attention
 backend that cannot run here, FP8 without FP8 matrix cores, compile on CPU all fall back with a warning in
