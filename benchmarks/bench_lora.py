@@ -13,8 +13,9 @@ Per variant (`--variants`, default bf16,fp8: denoiser.fp8 false / true):
     compiles  torch.compile work while serving, from /v1/stats (must stay 0: switching changes no graph)
 
 The adapters are built here, in diffusers' LoRA format (serve_app.engines.tiny_model.build_lora_adapter:
-seeded random A and B, alpha = 2 x rank), into a temporary `lora.dir`. Everything goes to one JSON (--out),
-rewritten after every part.
+seeded random A and B, alpha = 2 x rank), into a temporary `lora.dir`. One Ray cluster and Serve instance
+for the whole run, one app at a time (deleted, its replicas and their device memory gone, before the next).
+Everything goes to one JSON (--out), rewritten after every part.
 
     python benchmarks/bench_lora.py --config configs/random-full-1gpu.yaml \
         --out benchmarks/results/lora-h200-1024-r64-<commit>.json
@@ -25,7 +26,9 @@ rewritten after every part.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -117,9 +120,52 @@ def _denoiser_stats(base: str) -> dict:
     return {k: d.get(k) for k in ("compile", "lora", "peak_memory_bytes", "memory_in_use_bytes", "engine")}
 
 
-def run_variant(serve_cfg: dict, a, lora: bool) -> dict:
+@contextlib.contextmanager
+def cluster(a, port: int):
+    """One Ray cluster and one Serve instance (HTTP on `port`) for every variant."""
+    import ray
+    from ray import serve
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    kw = {"include_dashboard": False, "log_to_driver": a.ray_logs}
+    if a.ray_num_cpus:
+        kw["num_cpus"] = a.ray_num_cpus
+    ray.init(**kw)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+@contextlib.contextmanager
+def serving(serve_cfg: dict, a, base: str):
+    """The app running (healthy) in the cluster; deleted on the way out."""
+    import asyncio
+
+    from ray import serve
+
+    import bench_serving
+    from serve_app.app import build_app
+
+    t0 = time.perf_counter()
+    serve.run(build_app(serve_cfg["args"]), name=serve_cfg["name"], route_prefix=serve_cfg["route_prefix"], blocking=False)
+    try:
+        if not asyncio.run(bench_serving.wait_ready(base, a.server_start_timeout)):
+            raise TimeoutError(f"{base}/health not 200 within {a.server_start_timeout} s")
+        started = {"start_to_healthy_s": time.perf_counter() - t0}
+        print(f"[server] healthy after {started['start_to_healthy_s']:.1f} s", file=sys.stderr, flush=True)
+        yield started
+    finally:
+        serve.delete(serve_cfg["name"])  # waits until its replicas are gone
+
+
+def run_variant(serve_cfg: dict, a, base: str, lora: bool) -> dict:
     out: dict = {}
-    with compare.serving(serve_cfg, a) as (base, started):
+    with serving(serve_cfg, a, base) as started:
         out["server"] = started
         if not lora:
             out["none"] = _c1(base, a, lambda i: None)
@@ -164,7 +210,7 @@ def main(argv=None) -> dict:
         result["summary"] = summarize(result)
         out.write_text(json.dumps(result, indent=2, default=str))
 
-    with tempfile.TemporaryDirectory(prefix="bench-loras-") as folder:
+    with tempfile.TemporaryDirectory(prefix="bench-loras-") as folder, cluster(a, a.port or serve_cfg["port"] or 8000) as base:
         result["adapters"] = build_adapters(serve_cfg["args"], Path(folder), a.rank, a.std, a.seed)
         save()
         for variant in [v for v in a.variants.split(",") if v]:
@@ -176,7 +222,7 @@ def main(argv=None) -> dict:
                 cfg = dict(serve_cfg, args=compare.apply_overrides(serve_cfg["args"], sets))
                 key = f"{variant}-lora-{'on' if lora else 'off'}"
                 try:
-                    result[key] = run_variant(cfg, a, lora)
+                    result[key] = run_variant(cfg, a, base, lora)
                 except Exception:
                     result[key] = {"error": traceback.format_exc()[-2000:]}
                 save()
