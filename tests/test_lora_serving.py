@@ -2,7 +2,8 @@
 server start for the module): GET /v1/loras, an adapter's image equal to the in-process pipeline's, two
 concurrent requests with different adapters each getting the image it gets alone, Serve's multiplexed
 routing (a second request for an adapter goes to the replica that loaded it), edits with adapters, the
-README's example, and every bad name a 400 naming `lora`."""
+README's example, and every bad name a 400 naming `lora`. The app runs next to the shared tiny app
+(tests/tiny_server.py), deployed once for the module."""
 
 import base64
 import concurrent.futures
@@ -18,23 +19,27 @@ import numpy as np
 import pytest
 from PIL import Image
 
-PORT = 19231
-BASE = f"http://127.0.0.1:{PORT}"
+from tests.tiny_server import BASE as ROOT_BASE
+from tests.tiny_server import tiny_args as shared_args
+
+APP = "lora"  # next to the shared root app, at /lora (tests/tiny_server.py)
+BASE = f"{ROOT_BASE}/{APP}"
 README = Path(__file__).resolve().parents[1] / "README.md"
 PROMPT = "a lighthouse at dawn"
 
 
 def tiny_args(tiny_dir, lora_dir) -> dict:
-    return {
-        "model": {"source": "tiny", "device": "cpu", "tiny_dir": str(tiny_dir)},
-        "lora": {"enabled": True, "dir": str(lora_dir), "max_loaded": 4, "max_rank": 16},
-        "server": {"max_size": 512, "default_size": "64x64", "request_timeout_s": 120},
-        "text_encoder_deployment": {"ray_actor_options": {"num_cpus": 0.1}, "max_batch_size": 8},
+    return shared_args(
+        tiny_dir,
+        lora={"enabled": True, "dir": str(lora_dir), "max_loaded": 4, "max_rank": 16},
         # two replicas: multiplexing decides which one gets a request for an adapter
-        "denoiser_deployment": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.1}, "max_batch_size": 4, "batch_wait_timeout_s": 0.0},
-        "vae_deployment": {"ray_actor_options": {"num_cpus": 0.1}, "max_batch_size": 4},
-        "ingress_deployment": {"ray_actor_options": {"num_cpus": 0.1}},
-    }
+        denoiser_deployment={"num_replicas": 2, "batch_wait_timeout_s": 0.0},
+        # a request for an adapter waits up to this for a replica that holds it (Serve's default 1-2 s, on a
+        # loaded 2-core CI machine, could send it elsewhere before the router hears of the load); the router
+        # runs in the ingress's process
+        ingress_deployment={"ray_actor_options": {"num_cpus": 0.1, "runtime_env": {"env_vars": {
+            "RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S": "10"}}}},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -53,32 +58,10 @@ def lora_dir(tiny_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_dir, lora_dir):
-    import time
-
-    import ray
-    from ray import serve
-
-    from serve_app.app import build_app
-
-    # a request for an adapter waits up to this for a replica that holds it (Serve's default 1-2 s, on a
-    # loaded 2-core CI machine, could send it elsewhere before the router hears of the load)
-    env = {"PYTHONPATH": str(README.parent), "RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S": "10"}
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env})
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    serve.run(build_app(tiny_args(tiny_dir, lora_dir)), name="z-image", route_prefix="/", blocking=False)
-    deadline = time.time() + 300
-    while True:  # readiness poll of the server's own /health (not synchronisation between requests)
-        try:
-            if httpx.get(BASE + "/health", timeout=60).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.time() < deadline, "server did not become healthy"
-        time.sleep(1)
-    yield serve
-    serve.shutdown()
-    ray.shutdown()
+def server(tiny_server, tiny_dir, lora_dir):
+    """The LoRA app, deployed once for the module in the shared Ray + Serve."""
+    with tiny_server.app(APP, tiny_args(tiny_dir, lora_dir)) as base:
+        yield base
 
 
 def generate(lora=None, seed=7, **extra):
@@ -184,7 +167,7 @@ def test_readme_example_runs_as_written(server, tmp_path):
     text = README.read_text()
     m = re.search(r"<!-- lora-curl:.*?-->\s*```\w+\n(.*?)```", text, re.S)
     assert m
-    out = subprocess.run(["bash", "-c", m.group(1).replace("localhost:8000", f"127.0.0.1:{PORT}")], cwd=tmp_path,
+    out = subprocess.run(["bash", "-c", m.group(1).replace("http://localhost:8000", BASE).replace("localhost:8000", BASE)], cwd=tmp_path,
                          capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr
     assert "tiny-demo" in out.stdout and (tmp_path / "fox-lora.png").stat().st_size > 0
