@@ -385,7 +385,9 @@ class ImageIngress:
         return {"created": int(time.time()), "data": data, "timings": {"total_s": t_end - t0, "encode_s": t_end - t_stages}}
 
     async def _run_dag(self, req: ValidatedRequest, responses: list, edit: EditUpload | None = None, emit=None):
-        first_seed = req.seed if req.seed is not None else random.randrange(2**62)
+        # a drawn seed stays below 2**53, so that it and its n - 1 successors survive any JSON parser (a
+        # browser's numbers are doubles): the page shows it and sends it back to reproduce the image
+        first_seed = req.seed if req.seed is not None else random.randrange(2**53 - self.server.max_n)
         seeds = [first_seed + i for i in range(req.n)]
 
         def call(stage, method, *args):

@@ -173,8 +173,8 @@ async function run() {
     showError({ message: "Choose or drop an image to transform.", param: "image" });
     return;
   }
-  if ("seed" in fields && !(Number.isInteger(fields.seed) && fields.seed >= 0)) {
-    showError({ message: "The seed must be a whole number, 0 or more.", param: "seed" });
+  if ("seed" in fields && !(Number.isSafeInteger(fields.seed) && fields.seed >= 0)) {
+    showError({ message: "The seed must be a whole number from 0 to 2^53 - 1.", param: "seed" });
     return;
   }
   const [url, init] = buildRequest(fields);
