@@ -130,7 +130,7 @@ def _request(base: str, a, mode: str, seed: int) -> dict:
         for line in r.iter_lines():
             if not line.startswith("data:"):
                 continue
-            kind = line[5:80]  # `type` is each event's first key
+            kind = line[5:90].lstrip()  # `type` is each event's first key
             if kind.startswith('{"type":"image_generation.partial_image"'):
                 partials += 1
                 first = first or time.perf_counter() - t
