@@ -449,7 +449,9 @@ class ImageIngress:
                 emit(streaming.progress(i, "denoising", item.step, item.steps))
                 if item.preview is not None:
                     if item.preview_kind == "vae":  # the VAE stage decodes the x0 estimate as it decodes a result
-                        decoded = await named_stage(self.vae.decode.remote(DenoisedLatents(latents=item.preview)), "VAE decoder")
+                        preview_call = self.vae.decode.remote(DenoisedLatents(latents=item.preview))
+                        responses.append(preview_call)
+                        decoded = await named_stage(preview_call, "VAE decoder")
                         pixels = decoded.pixels
                     else:
                         pixels = item.preview
