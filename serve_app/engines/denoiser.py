@@ -277,6 +277,9 @@ class DenoiserEngine:
         embeds = [r.embeds.to(self.device, self.dtype) for r in reqs]
         embeds += [reqs[i].negative_embeds.to(self.device, self.dtype) for i in cfg_idx]
         n = len(reqs)
+        # streaming only: the schedule's sigmas on the CPU once (x0 estimates), not a device sync per step.
+        # A step is reported once it is queued on the device; a preview waits for its step's result.
+        sigmas = scheduler.sigmas.tolist() if on_step is not None else None
 
         for step, t in enumerate(timesteps):
             timestep = (1000 - t.expand(n)) / 1000
@@ -300,7 +303,7 @@ class DenoiserEngine:
                     image = scheduler.scale_noise(image, torch.tensor([timesteps[step + 1]]), noise)
                 latents[i : i + 1] = (1 - mask) * image + mask * latents[i : i + 1]
             if on_step is not None:
-                self._report(reqs, step, x_t, noise_pred, float(scheduler.sigmas[start + step]), masks, edits, on_step)
+                self._report(reqs, step, x_t, noise_pred, sigmas[start + step], masks, edits, on_step)
 
         self._stats.record_batch(n)
         return list(latents.unbind(0))
