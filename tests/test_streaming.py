@@ -289,6 +289,8 @@ def test_readme_streaming_examples_run_as_written(server, tmp_path):
 def browser():
     if CHROMIUM is None and not os.environ.get("SERVE_APP_REQUIRE_BROWSER"):
         pytest.skip("no Chromium installed here (apt-get install -y chromium chromium-driver); CI installs it")
+    if not os.environ.get("SERVE_APP_REQUIRE_BROWSER"):
+        pytest.importorskip("playwright", reason="playwright is not installed (pip install '.[test]')")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
