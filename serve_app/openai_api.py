@@ -57,6 +57,17 @@ class ImageGenerationRequest(BaseModel):
     lora: str | list[LoraRef] | None = Field(
         None, description="LoRA adapters from GET /v1/loras: one name (scale 1), or a list of {name, scale} applied together.",
         examples=["tiny-demo", [{"name": "tiny-demo", "scale": 0.8}]])
+    style_preset: str | None = Field(None, description="A style from GET /v1/styles (id or name): its template wraps the prompt; "
+                                     "the prompt used comes back as `revised_prompt`.")
+    stream: bool = Field(False, description="Answer with Server-Sent Events as OpenAI streams images: `image_generation.partial_image` "
+                         "events (`image_edit.*` for edits), `*.progress` events per step, then `*.completed` per image.")
+    partial_images: int | None = Field(None, description="Streaming: previews (0-3) of each image before the completed event, spread over "
+                                       "its steps; fewer when it runs fewer steps.")
+    preview_kind: Literal["latent_rgb", "vae"] | None = Field(None, description="How a preview is made: `latent_rgb` (default), a linear map of "
+                                                               "the latent estimate, or `vae`, the estimate decoded by the VAE (slower).")
+    background: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
+    moderation: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
+    output_compression: int | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
 
 
 class ImageEditRequest(ImageGenerationRequest):
@@ -66,9 +77,7 @@ class ImageEditRequest(ImageGenerationRequest):
     strength: float | None = Field(
         None, description="0 < strength <= 1: how much of the schedule runs. Default: diffusers' own, 0.6 without a mask "
         "(ZImageImg2ImgPipeline), 1.0 with one (ZImageInpaintPipeline).")
-    background: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
     input_fidelity: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
-    output_compression: int | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
 
 
 class ValidatedRequest(BaseModel):
@@ -83,7 +92,45 @@ class ValidatedRequest(BaseModel):
     negative_prompt: str | None
     strength: float | None = None  # edits only
     lora: tuple[tuple[str, float], ...] = ()  # ((adapter name, scale), ...)
+    revised_prompt: str | None = None  # the prompt as the style preset made it (None without one)
+    stream: bool = False
+    partial_images: int = 0
+    preview_kind: str = "latent_rgb"
 
+
+# The Z-Image-Turbo Space's style presets, as prompt templates: `{prompt}` is the caller's prompt.
+# GET /v1/styles lists them; `style_preset` (id or name, any case) applies one on generations and edits.
+STYLE_PRESETS: dict[str, tuple[str, str]] = {  # id -> (name, template)
+    "none": ("None", "{prompt}"),
+    "photorealistic": ("Photorealistic", "{prompt}, photorealistic, ultra detailed, natural lighting, sharp focus, 8k photograph"),
+    "cinematic": ("Cinematic", "{prompt}, cinematic still, dramatic lighting, shallow depth of field, film grain, anamorphic"),
+    "anime": ("Anime", "{prompt}, anime style, cel shading, vibrant colors, clean line art"),
+    "digital-art": ("Digital Art", "{prompt}, digital art, highly detailed, concept art, trending on artstation"),
+    "oil-painting": ("Oil Painting", "{prompt}, oil painting on canvas, visible brush strokes, rich colors, classical"),
+    "watercolor": ("Watercolor", "{prompt}, watercolor painting, soft washes, paper texture, delicate"),
+    "3d-render": ("3D Render", "{prompt}, 3d render, octane render, global illumination, studio lighting"),
+    "fantasy": ("Fantasy", "{prompt}, fantasy art, magical atmosphere, epic, intricate details"),
+    "sci-fi": ("Sci-Fi", "{prompt}, science fiction, futuristic, neon lights, high tech"),
+}
+_STYLE_LOOKUP = {k: k for k in STYLE_PRESETS} | {name.lower(): k for k, (name, _) in STYLE_PRESETS.items()}
+
+
+def styles_list() -> dict:
+    return {"object": "list", "data": [{"id": k, "object": "style_preset", "name": name, "template": t} for k, (name, t) in STYLE_PRESETS.items()]}
+
+
+def apply_style(prompt: str, style_preset: str | None) -> str:
+    """The prompt the model gets; 400 naming `style_preset` for one we do not have."""
+    if style_preset is None:
+        return prompt
+    key = _STYLE_LOOKUP.get(style_preset.strip().lower())
+    if key is None:
+        raise APIError(400, f"unknown style_preset {style_preset[:64]!r}; GET /v1/styles lists them: {', '.join(STYLE_PRESETS)}",
+                       param="style_preset", code="invalid_value")
+    return STYLE_PRESETS[key][1].replace("{prompt}", prompt)
+
+
+MAX_PARTIAL_IMAGES = 3  # OpenAI's bound
 
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
 
@@ -95,7 +142,7 @@ def validate_request(req: ImageGenerationRequest, server: ServerConfig, model_na
         raise APIError(400, f"prompt is longer than {server.max_prompt_chars} characters", param="prompt", code="invalid_value")
     if req.negative_prompt is not None and len(req.negative_prompt) > server.max_prompt_chars:
         raise APIError(400, f"negative_prompt is longer than {server.max_prompt_chars} characters", param="negative_prompt", code="invalid_value")
-    for name in ("model", "size", "quality", "style", "user"):
+    for name in ("model", "size", "quality", "style", "user", "style_preset", "background", "moderation"):
         value = getattr(req, name)
         if value is not None and len(value) > server.max_string_chars:
             raise APIError(400, f"{name} is longer than {server.max_string_chars} characters", param=name, code="invalid_value")
@@ -123,8 +170,17 @@ def validate_request(req: ImageGenerationRequest, server: ServerConfig, model_na
         raise APIError(400, "guidance_scale must be between 0 and 20", param="guidance_scale", code="invalid_value")
     if req.seed is not None and not 0 <= req.seed < 2**63 - server.max_n:
         raise APIError(400, "seed must be a non-negative 63-bit integer", param="seed", code="invalid_value")
+    if req.partial_images is not None and not 0 <= req.partial_images <= MAX_PARTIAL_IMAGES:
+        raise APIError(400, f"partial_images must be between 0 and {MAX_PARTIAL_IMAGES}", param="partial_images", code="invalid_value")
+    prompt = apply_style(req.prompt, req.style_preset)
+    if len(prompt) > server.max_prompt_chars:
+        raise APIError(400, f"prompt with its style_preset is longer than {server.max_prompt_chars} characters", param="prompt", code="invalid_value")
     return ValidatedRequest(
-        prompt=req.prompt,
+        prompt=prompt,
+        revised_prompt=prompt if req.style_preset is not None else None,
+        stream=req.stream,
+        partial_images=req.partial_images or 0,
+        preview_kind=req.preview_kind or "latent_rgb",
         n=req.n,
         width=width,
         height=height,

@@ -53,6 +53,11 @@ def build_schema(api: FastAPI, cfg: AppConfig, max_prompt_tokens: int | None) ->
                 codes.append("503")
             for code in codes:
                 responses[code] = {"description": ERRORS[code], **copy.deepcopy(_ERR)}
+            if path in ("/v1/images/generations", "/v1/images/edits") and "200" in responses:
+                # stream: true answers with Server-Sent Events (serve_app/streaming.py)
+                responses["200"].setdefault("content", {})["text/event-stream"] = {"schema": {
+                    "type": "string", "description": "with stream: true, Server-Sent Events: <prefix>.progress, <prefix>.partial_image "
+                    "(partial_images of them per image), <prefix>.completed per image, or error; <prefix> is image_generation or image_edit"}}
     req = comps.get("ImageGenerationRequest", {}).get("properties", {})
     tokens = f", and at most {max_prompt_tokens} tokens with the chat template" if max_prompt_tokens else ""
     if req:

@@ -38,6 +38,10 @@ class DenoiseRequest:
     mask: torch.Tensor | None = None
     # LoRA adapters, ((name, scale), ...) in the request's order (serve_app/engines/lora.py); () for none
     lora: tuple[tuple[str, float], ...] = ()
+    # streaming (serve_app/engines/previews.py): after which of the steps that run (1-based) a preview of
+    # x0 is made, and of which kind; only requests that stream set these, the others cost nothing extra
+    preview_steps: tuple[int, ...] = ()
+    preview_kind: str = "latent_rgb"
 
     @property
     def start_step(self) -> int:
@@ -46,6 +50,11 @@ class DenoiseRequest:
         if self.image_latents is None:
             return 0
         return int(max(self.steps - min(self.steps * self.strength, self.steps), 0))
+
+    @property
+    def run_steps(self) -> int:
+        """The DiT forwards this request runs: steps - start_step."""
+        return self.steps - self.start_step
 
     @property
     def batch_key(self) -> tuple:
@@ -70,6 +79,20 @@ class EncodedImage:
 
     latents: list[torch.Tensor]
     timings: dict = field(default_factory=dict)
+
+
+@dataclass
+class DenoiseProgress:
+    """What a streaming denoise call yields before its `DenoisedLatents`: its place in the DiT's queue
+    (`queue_position`: requests ahead of it, when it was queued), or a step done (`step` of `steps`), with a
+    preview for the steps in `DenoiseRequest.preview_steps`: uint8 RGB [h/8, w/8, 3] (`latent_rgb`) or the
+    x0 latents [C, h, w] float32 (`vae`, for the VAE stage to decode). CPU tensors."""
+
+    step: int = 0
+    steps: int = 0
+    queue_position: int | None = None
+    preview: torch.Tensor | None = None
+    preview_kind: str | None = None
 
 
 @dataclass

@@ -25,7 +25,7 @@ def tiny_args(tiny_dir, **overrides) -> dict:
     """The root app's settings, with `overrides` merged into its sections."""
     args = {
         "model": {"source": "tiny", "device": "cpu", "tiny_dir": str(tiny_dir)},
-        "server": {"max_size": 512, "default_size": "64x64", "max_inflight_images": 8, "request_timeout_s": 120,
+        "server": {"max_size": 1024, "default_size": "64x64", "max_inflight_images": 8, "request_timeout_s": 120,
                    # small limits, so that the reliability and upload tests reach them with small bodies
                    "max_body_bytes": 65536, "max_upload_bytes": 150_000, "max_upload_pixels": 1_000_000},
         "text_encoder_deployment": {"ray_actor_options": {"num_cpus": 0.1}, "max_batch_size": 8, "batch_wait_timeout_s": 0.05},

@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
 
 from ray import serve
 
@@ -24,7 +26,15 @@ from serve_app.engines.denoiser import PIXELS_PER_LATENT_PATCH, Denoiser, Denois
 from serve_app.engines.lora import AdapterError, UnknownAdapter
 from serve_app.engines.model_sources import load_transformer_config
 from serve_app.openai_api import APIError
-from serve_app.stage_messages import DenoisedLatents, DenoiseRequest
+from serve_app.stage_messages import DenoisedLatents, DenoiseProgress, DenoiseRequest
+
+
+@dataclass
+class _Job:
+    """What the batcher queues: the request, and for a streaming call where its progress goes."""
+
+    request: DenoiseRequest
+    sink: Callable[[DenoiseProgress], None] | None = None
 
 
 def make_denoiser(cfg: AppConfig) -> Denoiser:
@@ -75,8 +85,8 @@ class DenoiserDeployment:
         self.position_limits = position_limits(tcfg)
         self._batcher = GpuBatcher(
             self._denoise, self._gpu_thread, opts.max_batch_size, opts.batch_wait_timeout_s,
-            cost_fn=lambda r: r.height * r.width, max_batch_cost=cfg.denoiser.max_batch_pixels,
-            wait_fn=lambda r: r.companions > 1,  # wait for company only when some is on its way
+            cost_fn=lambda j: j.request.height * j.request.width, max_batch_cost=cfg.denoiser.max_batch_pixels,
+            wait_fn=lambda j: j.request.companions > 1,  # wait for company only when some is on its way
         )
         self._held_adapters: set[str] = set()
         if cfg.lora.enabled:
@@ -88,11 +98,20 @@ class DenoiserDeployment:
 
             # wrapped here, not on the class: the per-replica limit comes from the config
             self._adapter = serve.multiplexed(max_num_models_per_replica=cfg.lora.max_loaded)(load_adapter)
+        # per-step reports need the engine in this process; an SP group's ranks run elsewhere, so a
+        # streamed request on an SP replica gets its queue position and its final image only
+        self._steps_reported = isinstance(self.engine, DenoiserEngine)
+        self.streams = 0
 
-    def _denoise(self, requests: list[DenoiseRequest]) -> list[DenoisedLatents]:
+    def _denoise(self, jobs: list[_Job]) -> list[DenoisedLatents]:
         self._batch_started = time.monotonic()
+        requests = [j.request for j in jobs]
+        sinks = [j.sink for j in jobs]
+        # only a batch with a streaming request reports steps (the others run exactly as before)
+        on_step = (lambda i, p: sinks[i] and sinks[i](p)) if self._steps_reported and any(sinks) else None
         try:
-            latents, dt = self.stats_.timed(lambda reqs: [lat.cpu() for lat in self.engine.denoise(reqs)], requests)
+            latents, dt = self.stats_.timed(
+                lambda reqs: [lat.cpu() for lat in (self.engine.denoise(reqs, on_step) if on_step else self.engine.denoise(reqs))], requests)
         finally:
             self._batch_started = None
         return [DenoisedLatents(latents=lat, timings={"denoiser_s": dt, "denoiser_batch": len(requests)}) for lat in latents]
@@ -132,14 +151,46 @@ class DenoiserDeployment:
     async def denoise(self, request: DenoiseRequest) -> DenoisedLatents:
         self._validate(request)
         load_s = await self._load_adapters(request)
-        result = await self._batcher.submit(request)
+        result = await self._batcher.submit(_Job(request))
         result.timings["lora_load_s"] = load_s
         return result
+
+    async def denoise_stream(self, request: DenoiseRequest) -> AsyncIterator[DenoiseProgress | DenoisedLatents]:
+        """`denoise` as a stream (the caller's handle has `.options(stream=True)`): its queue position, a
+        `DenoiseProgress` per step (previews at `request.preview_steps`), then the `DenoisedLatents`. The
+        request batches with any others; each gets its own reports. Cancelling the stream drops a queued
+        request (a running batch finishes its steps)."""
+        self._validate(request)
+        load_s = await self._load_adapters(request)
+        self.streams += 1
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        position = self._batcher.pending() + (self._batch_started is not None)
+        job = _Job(request, lambda p: loop.call_soon_threadsafe(events.put_nowait, p))
+        result = asyncio.ensure_future(self._batcher.submit(job))
+        try:
+            yield DenoiseProgress(step=0, steps=request.run_steps, queue_position=position)
+            while not result.done():
+                get = asyncio.ensure_future(events.get())
+                await asyncio.wait({get, result}, return_when=asyncio.FIRST_COMPLETED)
+                if get.done():
+                    yield get.result()
+                else:
+                    get.cancel()
+            # the GPU thread's reports were queued on this loop before the batch's result was set
+            while not events.empty():
+                yield events.get_nowait()
+            latents = result.result()
+            latents.timings["lora_load_s"] = load_s
+            yield latents
+        finally:
+            result.cancel()
 
     def stats(self) -> dict:
         # "engine": what the DiT builder applied on this chip (attention per block group, FP8, compile, SP
         # layout) and every fallback taken; for an SP group, rank 0's, with every rank's place
-        return {**self.stats_.snapshot(), **self.engine.stats(), "engine": self.engine.info(), "isolated_retries": self._batcher.isolated_retries}
+        return {**self.stats_.snapshot(), **self.engine.stats(), "engine": self.engine.info(), "isolated_retries": self._batcher.isolated_retries,
+                "streams": self.streams}
 
     def ready(self) -> bool:
         return True

@@ -43,6 +43,10 @@ class GpuBatcher:
             return True
         return sum(self.cost_fn(x) for x, _ in batch) + self.cost_fn(item[0]) <= self.max_batch_cost
 
+    def pending(self) -> int:
+        """Items queued and not yet in a batch (a cancelled one may still count until a batch is formed)."""
+        return (self._queue.qsize() if self._queue is not None else 0) + (self._held is not None)
+
     async def submit(self, item: Any) -> Any:
         if self._queue is None:
             self._queue = asyncio.Queue()

@@ -5,6 +5,12 @@ each followed by its VAE decode; images are encoded to PNG/JPEG/WebP in worker t
 `server.max_inflight_images`), downstream queues are bounded (503 on back-pressure) and every request
 has a deadline (504); a cancelled or timed-out request cancels its downstream calls.
 
+Streaming (`stream: true`, serve_app/streaming.py): the same pipeline, with the DiT called as a Serve streaming
+response (`denoise_stream`, handle `.options(stream=True)`) that yields each image's queue position, its
+steps and previews of its x0 estimate; the ingress turns them into OpenAI's image-streaming Server-Sent
+Events. Input is checked before the stream starts (a bad request is a plain 4xx JSON answer), and a client
+that disconnects mid-stream cancels the request's work as any cancelled request does.
+
 Edits (POST /v1/images/edits, multipart): the uploads are checked from their headers here (413 / 400
 before anything is decoded, serve_app/uploads.py), decoded and resized in a worker thread, VAE-encoded
 (one call per request, one posterior sample per seed) while the prompt is encoded, then denoised from
@@ -22,6 +28,7 @@ import time
 from dataclasses import dataclass
 
 from fastapi import FastAPI, File, Form, UploadFile
+from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
@@ -32,8 +39,11 @@ from serve_app.config import AppConfig
 from serve_app.errors import StageFailed, error_response, install_error_handlers, internal_error, named_stage, unwrap
 from serve_app.health import Readiness
 from serve_app.image_encoding import encode_image
+from serve_app import streaming, web
+from serve_app.engines.previews import preview_steps
 from serve_app.openai_api import (
     APIError,
+    styles_list,
     ImageEditRequest,
     ImageGenerationRequest,
     ValidatedRequest,
@@ -49,7 +59,7 @@ from serve_app.engines.model_sources import lora_folder
 from serve_app.openapi_limits import configure as configure_openapi
 from serve_app.openapi_limits import install_openapi
 from serve_app.prompt_limits import PromptLimits
-from serve_app.stage_messages import DenoiseRequest, ImageToEncode
+from serve_app.stage_messages import DenoisedLatents, DenoiseRequest, ImageToEncode
 from serve_app.uploads import load_edit_inputs, output_size
 
 log = logging.getLogger("ray.serve")
@@ -58,6 +68,9 @@ api = FastAPI(
     title="Z-Image-Turbo on Ray Serve",
     description="OpenAI-compatible image generation (POST /v1/images/generations) and editing (POST /v1/images/edits).",
     version="0.1.0",
+    # FastAPI's /docs and /redoc load their scripts from a CDN; ours are served from the package (web/docs.html)
+    docs_url=None,
+    redoc_url=None,
 )
 
 
@@ -143,7 +156,16 @@ class ImageIngress:
     # ---- HTTP routes -----------------------------------------------------------------------
     @api.post("/v1/images/generations")
     async def images_generations(self, body: ImageGenerationRequest) -> dict:
+        if body.stream:
+            return await self._stream(body, None, "image_generation")
         return await self._respond(await self._generate(body))
+
+    async def _stream(self, body: ImageGenerationRequest, edit: EditUpload | None, prefix: str) -> StreamingResponse:
+        if edit is not None:
+            body = await self._edit_size(body, edit)
+        req = await self._admit(body, edit)  # every 4xx before the stream starts: a plain JSON answer
+        return StreamingResponse(streaming.sse(lambda emit: self._run(req, edit, emit), req, prefix),
+                                 media_type="text/event-stream", headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
 
     async def _respond(self, result: dict) -> dict:
         data = []
@@ -174,6 +196,11 @@ class ImageIngress:
         guidance_scale: float = Form(0.0),
         negative_prompt: str | None = Form(None),
         lora: str | None = Form(None, description="An adapter name, or a JSON list of {name, scale}."),
+        style_preset: str | None = Form(None),
+        stream: bool = Form(False),
+        partial_images: int | None = Form(None),
+        preview_kind: str | None = Form(None),
+        moderation: str | None = Form(None),
     ) -> dict:
         # FastAPI resolves this signature's (string) annotations from the method's globals, and the Serve
         # replica gets the method by value with only the globals its body names: so name UploadFile here
@@ -184,6 +211,7 @@ class ImageIngress:
             output_compression=output_compression, strength=strength, seed=seed,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
             lora=parse_lora_form(lora),
+            style_preset=style_preset, stream=stream, partial_images=partial_images, preview_kind=preview_kind, moderation=moderation,
         )
         try:
             body = ImageEditRequest(**fields)
@@ -197,7 +225,28 @@ class ImageIngress:
             if f.size is not None and f.size > limit:  # Starlette spooled it to a temporary file
                 raise APIError(413, f"{name}: the file is larger than {limit} bytes", param=name, code="payload_too_large", type="invalid_request_error")
             files[name] = await f.read(limit + 1)
-        return await self._respond(await self._edit(body, EditUpload(files["image"], files.get("mask"))))
+        upload = EditUpload(files["image"], files.get("mask"))
+        if body.stream:
+            return await self._stream(body, upload, "image_edit")
+        return await self._respond(await self._edit(body, upload))
+
+    @api.get("/v1/styles")
+    async def styles(self) -> dict:
+        """The style presets `style_preset` takes, with their prompt templates (`{prompt}` is the prompt)."""
+        return styles_list()
+
+    # ---- the page (serve_app/web/), offline: no CDN, no build step ----------------------------
+    @api.get("/", include_in_schema=False)
+    async def page(self):
+        return FileResponse(web.path("index.html"), media_type="text/html")
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs(self):
+        return FileResponse(web.path("docs.html"), media_type="text/html")
+
+    @api.get("/web/{name}", include_in_schema=False)
+    async def web_file(self, name: str):
+        return FileResponse(web.path(name), media_type=web.media_type(name))
 
     @api.get("/v1/models")
     async def models(self) -> dict:
@@ -246,13 +295,20 @@ class ImageIngress:
                 "text_encoder": te, "denoiser": dn, "vae": vae}
 
     # ---- the pipeline ----------------------------------------------------------------------
-    async def _edit(self, body: ImageEditRequest, upload: EditUpload) -> dict:
+    async def _edit_size(self, body: ImageEditRequest, upload: EditUpload) -> ImageEditRequest:
         if body.size is None:  # the header only: format, byte and pixel limits, orientation
             width, height = await asyncio.to_thread(output_size, upload.image, self.server)
             body = body.model_copy(update={"size": f"{width}x{height}"})
-        return await self._generate(body, upload)
+        return body
+
+    async def _edit(self, body: ImageEditRequest, upload: EditUpload) -> dict:
+        return await self._generate(await self._edit_size(body, upload), upload)
 
     async def _generate(self, body: ImageGenerationRequest, edit: EditUpload | None = None) -> dict:
+        return await self._run(await self._admit(body, edit), edit)
+
+    async def _admit(self, body: ImageGenerationRequest, edit: EditUpload | None = None) -> ValidatedRequest:
+        """Every check a request gets before any stage runs: its 400s, draining (503), capacity (429)."""
         dn_cfg = self.cfg.denoiser
         if edit is None:
             req = validate_request(body, self.server, self.cfg.model.name, dn_cfg.max_steps, dn_cfg.default_steps)
@@ -267,16 +323,25 @@ class ImageIngress:
         self.prompt_limits.check_size(req.width, req.height)
         if self.draining:
             raise APIError(503, "the server is shutting down; retry on another replica", code="unavailable")
+        self._check_capacity(req)
+        return req
+
+    def _check_capacity(self, req: ValidatedRequest) -> None:
         if self.inflight_images + req.n > self.server.max_inflight_images:
             self.counters["rejected_429"] += 1
             raise APIError(429, "the server is at capacity; retry later", code="rate_limit_exceeded")
+
+    async def _run(self, req: ValidatedRequest, edit: EditUpload | None = None, emit=None) -> dict:
+        """The stages for an admitted request; with `emit`, each image's progress and previews are passed
+        to it as they come (streaming), as dicts of serve_app/streaming.py's events."""
+        self._check_capacity(req)  # again: a streamed request starts after its admission
         self.inflight_images += req.n
         self.counters["requests"] += 1
         t0 = time.perf_counter()
         responses: list = []
         ok = False
         try:
-            images = await asyncio.wait_for(self._run_dag(req, responses, edit), timeout=self.server.request_timeout_s)
+            images = await asyncio.wait_for(self._run_dag(req, responses, edit, emit), timeout=self.server.request_timeout_s)
             ok = True
         except asyncio.TimeoutError:
             self.counters["timeouts_504"] += 1
@@ -332,11 +397,14 @@ class ImageIngress:
                 # reading this request's LoRA adapters on the DiT replica (0: it held them already)
                 "lora_load_s": t.get("lora_load_s", 0.0),
             }
-            data.append({"image": img, "format": req.output_format, "width": req.width, "height": req.height, "seed": seed, "timings": timings})
+            data.append({"image": img, "format": req.output_format, "width": req.width, "height": req.height, "seed": seed, "timings": timings,
+                         **({"revised_prompt": req.revised_prompt} if req.revised_prompt is not None else {})})
         return {"created": int(time.time()), "data": data, "timings": {"total_s": t_end - t0, "encode_s": t_end - t_stages}}
 
-    async def _run_dag(self, req: ValidatedRequest, responses: list, edit: EditUpload | None = None):
-        first_seed = req.seed if req.seed is not None else random.randrange(2**62)
+    async def _run_dag(self, req: ValidatedRequest, responses: list, edit: EditUpload | None = None, emit=None):
+        # a drawn seed stays below 2**53, so that it and its n - 1 successors survive any JSON parser (a
+        # browser's numbers are doubles): the page shows it and sends it back to reproduce the image
+        first_seed = req.seed if req.seed is not None else random.randrange(2**53 - self.server.max_n)
         seeds = [first_seed + i for i in range(req.n)]
 
         def call(stage, method, *args):
@@ -354,6 +422,9 @@ class ImageIngress:
             inputs = await asyncio.to_thread(load_edit_inputs, edit.image, edit.mask, req.width, req.height, self.server)
             return await call("VAE encoder", self.vae.encode, ImageToEncode(pixels=inputs.pixels, seeds=seeds)), inputs.mask
 
+        if emit is not None:
+            for i in range(req.n):
+                emit(streaming.progress(i, "encoding", 0, 0))
         encodes = [call("text encoder", self.text_encoder.encode, req.prompt)]
         if req.guidance_scale > 0:
             encodes.append(call("text encoder", self.text_encoder.encode, req.negative_prompt or ""))
@@ -371,9 +442,43 @@ class ImageIngress:
                 request.image_latents, request.strength, request.mask = image_latents.latents[i], req.strength, mask
             # Serve's model multiplexing: to a replica that holds the (first) adapter, if one does
             denoiser = self.denoiser.options(multiplexed_model_id=req.lora[0][0]) if req.lora else self.denoiser
-            latents = await call("denoiser", denoiser.denoise, request)
+            if emit is None:
+                latents = await call("denoiser", denoiser.denoise, request)
+            else:
+                request.preview_steps, request.preview_kind = preview_steps(request.run_steps, req.partial_images), req.preview_kind
+                latents = await self._denoise_streamed(request, i, seed, req, responses, emit, denoiser)
+                emit(streaming.progress(i, "decoding", request.run_steps, request.run_steps))
             decoded = await call("VAE decoder", self.vae.decode, latents)
             decoded.timings["text_encoder_s"] = text_encoder_s
             return decoded
 
         return await asyncio.gather(*[one_image(i, s) for i, s in enumerate(seeds)]), seeds
+
+    async def _denoise_streamed(self, request: DenoiseRequest, i: int, seed: int, req: ValidatedRequest, responses: list, emit,
+                                denoiser) -> DenoisedLatents:
+        """The DiT (`denoiser`: the handle, multiplexed for the request's adapters) as a Serve streaming
+        response: progress and previews to `emit`, returns the latents."""
+        stream = denoiser.options(stream=True).denoise_stream.remote(request)
+        responses.append(stream)
+        latents, previews = None, 0
+        async for item in streaming.stage_stream(stream, "denoiser"):
+            if isinstance(item, DenoisedLatents):
+                latents = item
+            elif item.queue_position is not None:
+                emit(streaming.progress(i, "queued", 0, item.steps, queue_position=item.queue_position))
+            else:
+                emit(streaming.progress(i, "denoising", item.step, item.steps))
+                if item.preview is not None:
+                    if item.preview_kind == "vae":  # the VAE stage decodes the x0 estimate as it decodes a result
+                        preview_call = self.vae.decode.remote(DenoisedLatents(latents=item.preview))
+                        responses.append(preview_call)
+                        decoded = await named_stage(preview_call, "VAE decoder")
+                        pixels = decoded.pixels
+                    else:
+                        pixels = item.preview
+                    image = await asyncio.to_thread(streaming.encode_preview, pixels, req.width, req.height, req.output_format, self.server)
+                    emit(streaming.partial_image(i, seed, previews, item.step, item.steps, image, req))
+                    previews += 1
+        if latents is None:
+            raise StageFailed("denoiser", RuntimeError("the DiT's stream ended without latents"))
+        return latents

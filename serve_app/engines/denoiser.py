@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import collections
 import threading
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -33,7 +33,11 @@ from serve_app.engines.devices import placement
 from serve_app.engines.dit_builder import SPOptions, build_dit
 from serve_app.engines.lora import AdapterError, LoraAdapters, side_paths
 from serve_app.engines.model_sources import load_scheduler_config, lora_folder
-from serve_app.stage_messages import DenoiseRequest
+from serve_app.engines.previews import LatentRGB, x0_estimate
+from serve_app.stage_messages import DenoiseProgress, DenoiseRequest
+
+# on_step(request index, progress): called on the GPU thread after each DiT step of a request, when given
+StepCallback = Callable[[int, DenoiseProgress], None]
 
 VAE_SCALE_FACTOR = 8  # Flux VAE: 2 ** (len(block_out_channels) - 1)
 PIXELS_PER_LATENT_PATCH = VAE_SCALE_FACTOR * 2  # the DiT patchifies latents 2x2
@@ -244,18 +248,44 @@ class DenoiserEngine:
         check_positions(r, self.position_limits)
 
     @torch.no_grad()
-    def denoise(self, requests: list[DenoiseRequest]) -> list[torch.Tensor]:
+    def denoise(self, requests: list[DenoiseRequest], on_step: StepCallback | None = None) -> list[torch.Tensor]:
         """Latents [C, h, w] (float32, engine device) for each request, in order. Requests are split into
-        one batch per `group_by_shape` group; each group runs all its steps before the next starts."""
+        one batch per `group_by_shape` group; each group runs all its steps before the next starts.
+
+        With `on_step`, each request is reported after each of its steps (`DenoiseProgress`), with a
+        preview of its x0 estimate at its `preview_steps`; without it, nothing beyond the denoising runs."""
         for r in requests:
             self.validate(r)
         out: list[torch.Tensor | None] = [None] * len(requests)
         for _, idx in group_by_shape(requests, self.same_caption_length_batches).items():
-            for i, latents in zip(idx, self._denoise_group([requests[i] for i in idx])):
+            report = None if on_step is None else (lambda j, p, idx=idx: on_step(idx[j], p))
+            for i, latents in zip(idx, self._denoise_group([requests[i] for i in idx], report)):
                 out[i] = latents
         return out  # type: ignore[return-value]
 
-    def _denoise_group(self, reqs: list[DenoiseRequest]) -> list[torch.Tensor]:
+    def _report(self, reqs: list[DenoiseRequest], step: int, latents: torch.Tensor, noise_pred: torch.Tensor, sigma: float,
+                masks: dict, edits: dict, on_step: StepCallback) -> None:
+        """After step `step` (0-based) of a group: one `DenoiseProgress` per request, a preview where asked."""
+        want = [i for i, r in enumerate(reqs) if step + 1 in r.preview_steps]
+        x0 = None
+        if want:
+            x0 = x0_estimate(latents[want], noise_pred[want], sigma)
+            for k, i in enumerate(want):  # inpainting: the kept region is the image itself
+                if i in masks:
+                    x0[k : k + 1] = (1 - masks[i]) * edits[i][0] + masks[i] * x0[k : k + 1]
+            if any(reqs[i].preview_kind == "latent_rgb" for i in want):
+                if getattr(self, "_latent_rgb", None) is None:
+                    self._latent_rgb = LatentRGB(self.in_channels, self.device)
+                rgb = self._latent_rgb(x0).cpu()
+            x0 = x0.float().cpu()
+        for i, r in enumerate(reqs):
+            preview = None
+            if i in want:
+                k = want.index(i)
+                preview = rgb[k] if r.preview_kind == "latent_rgb" else x0[k]
+            on_step(i, DenoiseProgress(step=step + 1, steps=r.run_steps, preview=preview, preview_kind=r.preview_kind if preview is not None else None))
+
+    def _denoise_group(self, reqs: list[DenoiseRequest], on_step: StepCallback | None = None) -> list[torch.Tensor]:
         height, width, steps, start, lora = reqs[0].batch_key
         if self.lora is not None:
             self.lora.activate(lora)
@@ -282,6 +312,9 @@ class DenoiserEngine:
         embeds = [r.embeds.to(self.device, self.dtype) for r in reqs]
         embeds += [reqs[i].negative_embeds.to(self.device, self.dtype) for i in cfg_idx]
         n = len(reqs)
+        # streaming only: the schedule's sigmas on the CPU once (x0 estimates), not a device sync per step.
+        # A step is reported once it is queued on the device; a preview waits for its step's result.
+        sigmas = scheduler.sigmas.tolist() if on_step is not None else None
 
         for step, t in enumerate(timesteps):
             timestep = (1000 - t.expand(n)) / 1000
@@ -297,12 +330,15 @@ class DenoiserEngine:
                 pos, neg = preds[i], model_out[n + j].float()
                 preds[i] = pos + reqs[i].guidance_scale * (pos - neg)
             noise_pred = -torch.stack(preds, dim=0).squeeze(2)
+            x_t = latents
             latents = scheduler.step(noise_pred.to(torch.float32), t, latents, return_dict=False)[0]
             for i, mask in masks.items():  # inpainting: keep the unmasked region on the image's path
                 image, noise = edits[i]
                 if step < len(timesteps) - 1:
                     image = scheduler.scale_noise(image, torch.tensor([timesteps[step + 1]]), noise)
                 latents[i : i + 1] = (1 - mask) * image + mask * latents[i : i + 1]
+            if on_step is not None:
+                self._report(reqs, step, x_t, noise_pred, sigmas[start + step], masks, edits, on_step)
 
         self._stats.record_batch(n)
         return list(latents.unbind(0))
