@@ -40,7 +40,11 @@ class DenoiserDeployment:
         self.engine, self.stats_ = StageStats.start(
             lambda: make_denoiser(cfg), lambda engine: self._gpu_thread.submit(engine.warmup, sizes, batch=batch).result(),
             opts.gpu_memory_gb if cfg.denoiser.sp_degree == 1 else None,  # an SP replica holds no GPU itself
+            stage="denoiser",
         )
+        from serve_app.metrics import DenoiserMetrics
+
+        self.metrics = DenoiserMetrics()  # batch sizes, forwards by batch size, queued requests
         self._batch_started: float | None = None  # when the running batch began (None: idle)
         self.max_batch_s = cfg.denoiser.max_batch_s
         tcfg = load_transformer_config(cfg.model)
@@ -54,10 +58,12 @@ class DenoiserDeployment:
 
     def _denoise(self, requests: list[DenoiseRequest]) -> list[DenoisedLatents]:
         self._batch_started = time.monotonic()
+        self.metrics.queued.set(self._batcher.queued())
         try:
             latents, dt = self.stats_.timed(lambda reqs: [lat.cpu() for lat in self.engine.denoise(reqs)], requests)
         finally:
             self._batch_started = None
+        self.metrics.batch(len(requests), self.engine.stats().get("forward_batch_sizes", {}))
         return [DenoisedLatents(latents=lat, timings={"denoiser_s": dt, "denoiser_batch": len(requests)}) for lat in latents]
 
     def _validate(self, r: DenoiseRequest) -> None:
@@ -75,6 +81,7 @@ class DenoiserDeployment:
 
     async def denoise(self, request: DenoiseRequest) -> DenoisedLatents:
         self._validate(request)
+        self.metrics.queued.set(self._batcher.queued() + 1)
         return await self._batcher.submit(request)
 
     def stats(self) -> dict:

@@ -29,9 +29,11 @@ class StageStats:
         self.startup_s: dict[str, float] = {}  # where the replica's start went: build (load + switches), warmup
         self.startup_peak_memory_bytes: int | None = None
         self.compile_watch = None
+        self.metrics = None  # serve_app.metrics.StageMetrics once serving (Prometheus, through Ray Serve)
 
     @classmethod
-    def start(cls, build: Callable[[], Any], warmup: Callable[[Any], Any], gpu_memory_gb: float | None = None) -> tuple[Any, "StageStats"]:
+    def start(cls, build: Callable[[], Any], warmup: Callable[[Any], Any], gpu_memory_gb: float | None = None,
+              stage: str | None = None) -> tuple[Any, "StageStats"]:
         """Build a stage's engine (this process capped at `gpu_memory_gb`), then warm it up; the stats know
         where the start went."""
         if gpu_memory_gb is not None and torch.cuda.is_available():
@@ -48,14 +50,25 @@ class StageStats:
         if engine.device.type == "cuda":  # what start-up needed, then the serving peak from here on
             stats.startup_peak_memory_bytes = torch.cuda.max_memory_allocated(engine.device)
             torch.cuda.reset_peak_memory_stats(engine.device)
+        if stage is not None:
+            from serve_app.metrics import StageMetrics
+
+            stats.metrics = StageMetrics(stage)
         return engine, stats
 
-    def timed(self, fn: Callable[[list], list], items: list) -> tuple[list, float]:
-        """fn(items), recorded as one batch; returns its results and seconds."""
+    def timed(self, fn: Callable[[list], list], items: list, kind: str | None = None) -> tuple[list, float]:
+        """fn(items), recorded as one batch (of `kind`, default the stage's name, in the metrics); returns
+        its results and seconds."""
         t0 = time.perf_counter()
         out = fn(items)
         dt = time.perf_counter() - t0
         self.record(len(items), dt)
+        if self.metrics is not None:
+            memory = None
+            if self.device.type == "cuda":
+                memory = (torch.cuda.memory_allocated(self.device), torch.cuda.max_memory_allocated(self.device))
+            compiles = self.compile_watch.compiles_while_serving if self.compile_watch is not None else 0
+            self.metrics.batch(kind or self.metrics.stage, memory, compiles)
         return out, dt
 
     def record(self, batch_size: int, seconds: float) -> None:
