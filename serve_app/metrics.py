@@ -25,6 +25,15 @@ from __future__ import annotations
 
 import threading
 
+# Every metric as Prometheus names it (Ray adds `ray_`; counters `_total`; histograms `_bucket/_sum/_count`)
+METRIC_NAMES = {
+    "ray_zimage_requests_total": "counter", "ray_zimage_images_total": "counter", "ray_zimage_latency_seconds": "histogram",
+    "ray_zimage_inflight_images": "gauge", "ray_zimage_dit_queued_requests": "gauge", "ray_zimage_dit_batch_size": "histogram",
+    "ray_zimage_dit_forwards_total": "counter", "ray_zimage_stage_batches_total": "counter",
+    "ray_zimage_gpu_memory_in_use_bytes": "gauge", "ray_zimage_gpu_memory_peak_bytes": "gauge",
+    "ray_zimage_compiles_while_serving_total": "counter",
+}
+
 # seconds: from a 64² CPU image to a 2K GPU batch under load
 LATENCY_BOUNDARIES = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]
 BATCH_BOUNDARIES = [1, 2, 3, 4, 6, 8, 12, 16, 32]

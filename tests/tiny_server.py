@@ -16,8 +16,10 @@ from pathlib import Path
 
 import httpx
 
-PORT = 18321
-METRICS_PORT = 19321  # Ray's Prometheus endpoint (serve_app/metrics.py; tests/test_ops.py reads it)
+# TINY_SERVER_PORT / TINY_SERVER_METRICS_PORT: for test sessions that run side by side on one machine
+# (Serve's proxy binds with SO_REUSEPORT: two sessions on one port would answer each other's requests)
+PORT = int(os.environ.get("TINY_SERVER_PORT", 18321))
+METRICS_PORT = int(os.environ.get("TINY_SERVER_METRICS_PORT", 19321))  # Ray's Prometheus endpoint (tests/test_ops.py reads it)
 BASE = f"http://127.0.0.1:{PORT}"
 ROOT = Path(__file__).resolve().parents[1]
 
