@@ -15,3 +15,7 @@
   serve_run.py     `serve run` that refuses a bound port and drains on SIGTERM
   pipeline.py, generate.py  the three engines in one process, and its command line
 """
+
+from serve_app import quiet as _quiet
+
+_quiet.install()  # known-harmless third-party start-up noise, filtered narrowly (serve_app/quiet.py says what and why)
