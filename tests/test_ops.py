@@ -167,3 +167,26 @@ def test_api_keys_with_openai_sdk(keyed):
     for probe in ("/health/live", "/health/ready", "/health"):
         assert httpx.get(keyed + probe, timeout=30).status_code == 200, probe
     assert httpx.get(f"{BASE}/v1/models", timeout=30).status_code == 200  # the root app has no keys
+
+
+def test_readme_handle_example_runs_as_written(tiny_server, tmp_path):
+    """README's Python handle block, as a user runs it on a machine of the cluster (RAY_ADDRESS names
+    this session's Ray, as `ray.init(address="auto")` would find a lone local one)."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import ray
+    from PIL import Image
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    m = re.search(r"<!-- handle-python:.*?-->\s*```python\n(.*?)```", readme, re.S)
+    assert m
+    code = m.group(1).replace("1024x1024", "64x64")  # the tiny server's sizes
+    Image.new("RGB", (64, 64), (200, 80, 40)).save(tmp_path / "photo.png")
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    seed, timings = p.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert seed == "7" and "total_s" in timings

@@ -4,6 +4,7 @@ peak device memory, so tests and benchmarks read behaviour instead of inferring 
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import threading
 import time
@@ -13,6 +14,24 @@ import torch
 
 from serve_app.engines.compile_watch import compile_watch
 from serve_app.engines.devices import cap_process_memory
+
+
+def startup_line(stage: str, engine: Any, startup_s: dict[str, float]) -> str:
+    """One line per stage at start: where it runs and with what, and where its start went."""
+    info = engine.info() if hasattr(engine, "info") else {}
+    attention = info.get("attention") or {}
+    parts = [f"{stage} ready: device {engine.device}", f"dtype {str(getattr(engine, 'dtype', '?')).removeprefix('torch.')}"]
+    if attention:
+        parts.append("attention " + ",".join(sorted(set(attention.values()))))
+    if "fp8_dtype" in info:
+        parts.append(f"fp8 {info['fp8_dtype'] or 'off'}")
+    compiled = info.get("compile", getattr(engine, "compiled", None))
+    if compiled is not None:
+        parts.append(f"compile {'on' if compiled else 'off'}")
+    if info.get("sp"):
+        parts.append(f"SP {info['sp'].get('ulysses_degree')}x{info['sp'].get('ring_degree')}")
+    parts.append(f"build {startup_s.get('build', 0):.1f} s, warm-up {startup_s.get('warmup', 0):.1f} s")
+    return ", ".join(parts)
 
 
 class StageStats:
@@ -54,6 +73,7 @@ class StageStats:
             from serve_app.metrics import StageMetrics
 
             stats.metrics = StageMetrics(stage)
+            logging.getLogger("ray.serve").info("%s", startup_line(stage, engine, stats.startup_s))
         return engine, stats
 
     def timed(self, fn: Callable[[list], list], items: list, kind: str | None = None) -> tuple[list, float]:
