@@ -14,6 +14,7 @@ prompts are never logged. The request id is Serve's (serve_app/request_ids.py): 
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import logging
@@ -67,18 +68,21 @@ class AccessLogMiddleware:
         t0 = time.perf_counter()
         info: dict = {}
         token = _info.set(info)
-        status, size = 500, 0
+        status, size, started = 500, 0, False
 
         async def tracking_send(message):
-            nonlocal status, size
+            nonlocal status, size, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
             elif message["type"] == "http.response.body":
                 size += len(message.get("body", b""))
             await send(message)
 
         try:
             await self.app(scope, receive, tracking_send)
+        except asyncio.CancelledError:  # the client went away before an answer: nginx's and Serve's 499
+            status = status if started else 499
+            raise
         finally:
             _info.reset(token)
             route = _route(scope)

@@ -164,6 +164,9 @@ def test_api_keys_with_openai_sdk(keyed):
     assert r.status_code == 401 and set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
     assert body["error"]["code"] == "invalid_api_key" and r.headers["www-authenticate"].startswith("Bearer")
     assert r.headers["x-request-id"] in body["error"]["message"]
+    schema = httpx.get(f"{keyed}/openapi.json", headers={"Authorization": "Bearer sk-env-1"}, timeout=30).json()
+    gen = schema["paths"]["/v1/images/generations"]["post"]
+    assert gen["security"] == [{"bearer": []}] and "401" in gen["responses"] and "security" not in schema["paths"]["/health/ready"]["get"]
     for probe in ("/health/live", "/health/ready", "/health"):
         assert httpx.get(keyed + probe, timeout=30).status_code == 200, probe
     assert httpx.get(f"{BASE}/v1/models", timeout=30).status_code == 200  # the root app has no keys
