@@ -58,7 +58,7 @@ class DenoiserDeployment:
 
     def _denoise(self, requests: list[DenoiseRequest]) -> list[DenoisedLatents]:
         self._batch_started = time.monotonic()
-        self.metrics.queued.set(self._batcher.queued())
+        self.metrics.queued.set(self._batcher.pending())
         try:
             latents, dt = self.stats_.timed(lambda reqs: [lat.cpu() for lat in self.engine.denoise(reqs)], requests)
         finally:
@@ -80,8 +80,8 @@ class DenoiserDeployment:
             raise APIError(400, str(e), param="prompt" if "prompt" in str(e) else "size", code="invalid_value") from None
 
     async def denoise(self, request: DenoiseRequest) -> DenoisedLatents:
+        self.metrics.queued.set(self._batcher.pending() + 1)  # with this one (one refused next: set right at the next batch)
         self._validate(request)
-        self.metrics.queued.set(self._batcher.queued() + 1)
         return await self._batcher.submit(request)
 
     def stats(self) -> dict:

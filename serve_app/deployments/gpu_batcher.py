@@ -43,8 +43,8 @@ class GpuBatcher:
             return True
         return sum(self.cost_fn(x) for x, _ in batch) + self.cost_fn(item[0]) <= self.max_batch_cost
 
-    def queued(self) -> int:
-        """Items waiting for a batch (callable from any thread: a read of the queue's length)."""
+    def pending(self) -> int:
+        """Items queued and not yet in a batch (a cancelled one may still count until a batch is formed)."""
         return (self._queue.qsize() if self._queue is not None else 0) + (self._held is not None)
 
     async def submit(self, item: Any) -> Any:

@@ -28,13 +28,13 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.api_keys import ApiKeyMiddleware, ApiKeys, load_keys
+from serve_app.logs import AccessLog, AccessLogMiddleware, note
+from serve_app.metrics import IngressMetrics
 from serve_app.body_limit import BodyLimit, BodyLimitMiddleware
 from serve_app.config import AppConfig
 from serve_app.errors import StageFailed, error_response, install_error_handlers, internal_error, named_stage, unwrap
 from serve_app.health import Readiness
 from serve_app.image_encoding import encode_image
-from serve_app.logs import AccessLog, AccessLogMiddleware, note
-from serve_app.metrics import IngressMetrics
 from serve_app.openai_api import (
     APIError,
     ImageEditRequest,
