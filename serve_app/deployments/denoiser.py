@@ -45,6 +45,7 @@ class DenoiserDeployment:
         from serve_app.metrics import DenoiserMetrics
 
         self.metrics = DenoiserMetrics()  # batch sizes, forwards by batch size, queued requests
+        self.stats_.on_batch_start = lambda: self.metrics.queued.set(self._batcher.pending())
         self._batch_started: float | None = None  # when the running batch began (None: idle)
         self.max_batch_s = cfg.denoiser.max_batch_s
         tcfg = load_transformer_config(cfg.model)
@@ -58,7 +59,6 @@ class DenoiserDeployment:
 
     def _denoise(self, requests: list[DenoiseRequest]) -> list[DenoisedLatents]:
         self._batch_started = time.monotonic()
-        self.metrics.queued.set(self._batcher.pending())
         try:
             latents, dt = self.stats_.timed(lambda reqs: [lat.cpu() for lat in self.engine.denoise(reqs)], requests)
         finally:

@@ -49,6 +49,7 @@ class StageStats:
         self.startup_peak_memory_bytes: int | None = None
         self.compile_watch = None
         self.metrics = None  # serve_app.metrics.StageMetrics once serving (Prometheus, through Ray Serve)
+        self.on_batch_start: Callable[[], None] | None = None  # e.g. the DiT's queue gauge
 
     @classmethod
     def start(cls, build: Callable[[], Any], warmup: Callable[[Any], Any], gpu_memory_gb: float | None = None,
@@ -79,6 +80,8 @@ class StageStats:
     def timed(self, fn: Callable[[list], list], items: list, kind: str | None = None) -> tuple[list, float]:
         """fn(items), recorded as one batch (of `kind`, default the stage's name, in the metrics); returns
         its results and seconds."""
+        if self.on_batch_start is not None:
+            self.on_batch_start()
         t0 = time.perf_counter()
         out = fn(items)
         dt = time.perf_counter() - t0
