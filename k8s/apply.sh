@@ -3,6 +3,7 @@
 #
 #   k8s/apply.sh nvidia|amd|mixed            # apply (model-cache PVC + download Job, wait for it, RayService)
 #   k8s/apply.sh mixed --render              # print the manifests instead of applying them
+#   kubectl apply -k k8s/monitoring          # PodMonitor + Grafana dashboard (Prometheus Operator, Grafana sidecar)
 #
 # Environment:
 #   SERVE_APP_IMAGE_CUDA=registry/serve-app-cuda:tag   image for NVIDIA pods (and the head of nvidia/mixed)
@@ -63,5 +64,10 @@ if [ "${SKIP_MODEL_WAIT:-0}" != 1 ]; then
   kubectl wait "${ns[@]}" --for=condition=complete job/z-image-model-download --timeout="${MODEL_DOWNLOAD_TIMEOUT:-3600s}"
 fi
 # 2. the RayService (re-applies the base unchanged)
+# 2. the API keys the ingress requires (server.require_api_keys): a random one unless the Secret exists;
+#    read it with: kubectl get secret z-image-api-keys -o jsonpath='{.data.keys}' | base64 -d
+if ! kubectl get "${ns[@]}" secret z-image-api-keys >/dev/null 2>&1; then
+  kubectl create "${ns[@]}" secret generic z-image-api-keys --from-literal=keys="sk-$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+fi
 kubectl apply "${ns[@]}" -k "$target"
 echo "applied $variant: kubectl get rayservice z-image; the app answers on service z-image-serve-svc:8000 once /health is 200"

@@ -42,6 +42,9 @@ HF_HOME = "/models/hf"
 INDUCTOR_CACHE = "/models/inductor-cache"
 PVC_NAME = "z-image-model-cache"
 SERVE_PORT = 8000
+METRICS_PORT = 8080  # Ray's Prometheus endpoint on every pod (serve_app/metrics.py); k8s/monitoring scrapes it
+# The API keys (serve_app/api_keys.py): a Secret that k8s/apply.sh creates with a random key if it is absent
+API_KEYS_SECRET, API_KEYS_ENV = "z-image-api-keys", "SERVE_APP_API_KEYS"
 GPU_RESOURCE = {"nvidia": "nvidia.com/gpu", "amd": "amd.com/gpu"}
 # Taints GPU node pools commonly carry (GPU Operator / AMD GPU Operator); tolerating a taint that is
 # absent is harmless.
@@ -155,12 +158,18 @@ def _ray_resources_param(resources: dict) -> str:
 
 
 def _common_env() -> list[dict]:
+    from serve_app.request_ids import PROXY_ENV
+
     return [
         {"name": "HF_HOME", "value": HF_HOME},
         # weights were put on the PVC by the model-download Job; replicas never download
         {"name": "HF_HUB_OFFLINE", "value": "1"},
         {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"},
         {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
+        # every node's Serve proxy checks clients' X-Request-Id (serve_app/request_ids.py)
+        *({"name": k, "value": v} for k, v in PROXY_ENV.items()),
+        # the ingress's API keys (the configs set server.require_api_keys): from the Secret, never the manifest
+        {"name": API_KEYS_ENV, "valueFrom": {"secretKeyRef": {"name": API_KEYS_SECRET, "key": "keys"}}},
     ]
 
 
@@ -225,7 +234,9 @@ def head_group(variant: Variant) -> dict:
     return {
         # num-cpus 0: no Serve replica lands on the GPU-less head (the Serve controller and proxy need
         # no CPU reservation and still run there).
-        "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+        # dashboard-host 0.0.0.0: KubeRay submits serveConfigV2 through the head's dashboard; with
+        # authOptions (token) it and every Ray API need the cluster's token (a Secret KubeRay creates).
+        "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0", "metrics-export-port": str(METRICS_PORT)},
         "template": {
             "metadata": {"labels": {"app.kubernetes.io/name": "serve-app", "app.kubernetes.io/component": "ray-head"}},
             "spec": {
@@ -239,6 +250,7 @@ def head_group(variant: Variant) -> dict:
                             {"containerPort": 8265, "name": "dashboard"},
                             {"containerPort": 10001, "name": "client"},
                             {"containerPort": SERVE_PORT, "name": "serve"},
+                            {"containerPort": METRICS_PORT, "name": "metrics"},
                         ],
                         "env": _common_env(),
                         "resources": {"requests": dict(res), "limits": dict(res)},
@@ -260,7 +272,7 @@ def worker_group(group: WorkerGroup) -> dict:
                 "name": "ray-worker",
                 "image": IMAGES[group.vendor],
                 "imagePullPolicy": "IfNotPresent",
-                "ports": [{"containerPort": SERVE_PORT, "name": "serve"}],
+                "ports": [{"containerPort": SERVE_PORT, "name": "serve"}, {"containerPort": METRICS_PORT, "name": "metrics"}],
                 "env": _common_env() + [{"name": "TORCHINDUCTOR_CACHE_DIR", "value": INDUCTOR_CACHE}] + vendor_env(group.vendor),
                 "resources": {"requests": dict(res), "limits": dict(res)},
                 "readinessProbe": _readiness_probe(),
@@ -286,6 +298,7 @@ def worker_group(group: WorkerGroup) -> dict:
             "num-gpus": str(group.gpus),
             "resources": _ray_resources_param({f"accelerator_type:{group.accelerator_type}": 1}),
             "object-store-memory": str(group.object_store_bytes),
+            "metrics-export-port": str(METRICS_PORT),
         },
         # Ray node labels (KubeRay >= 1.5): label selectors and the autoscaler see the chip and vendor.
         "labels": {"ray.io/accelerator-type": group.accelerator_type, "gpu-vendor": group.vendor},
@@ -315,6 +328,9 @@ def rayservice(variant: Variant) -> dict:
             "serveConfigV2": serve_config_text(ROOT / variant.config),
             "rayClusterConfig": {
                 "rayVersion": RAY_VERSION,
+                # Ray's token authentication (Ray >= 2.52, KubeRay >= 1.5.1): KubeRay generates the token into
+                # a Secret and sets RAY_AUTH_MODE / RAY_AUTH_TOKEN on every Ray container
+                "authOptions": {"mode": "token"},
                 "enableInTreeAutoscaling": True,
                 "autoscalerOptions": {
                     "version": "v2",
@@ -382,6 +398,62 @@ def model_download_job() -> dict:
     }
 
 
+# --- monitoring: a PodMonitor for the Prometheus Operator and a Grafana dashboard on our metric names ------
+
+
+def pod_monitor() -> dict:
+    # Ray's metrics endpoint of every pod (head: Serve controller and proxy; workers: the replicas, whose
+    # ray_zimage_* metrics serve_app/metrics.py defines), port `metrics`
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PodMonitor",
+        "metadata": {"name": "z-image", "labels": {"app.kubernetes.io/name": "serve-app", "release": "prometheus"}},
+        "spec": {
+            "selector": {"matchLabels": {"app.kubernetes.io/name": "serve-app"}},
+            "podMetricsEndpoints": [{"port": "metrics", "path": "/metrics", "interval": "15s"}],
+        },
+    }
+
+
+def _panel(i: int, title: str, exprs: list[tuple[str, str]], unit: str = "short") -> dict:
+    return {
+        "id": i + 1, "type": "timeseries", "title": title, "datasource": {"type": "prometheus", "uid": "${datasource}"},
+        "gridPos": {"h": 8, "w": 12, "x": 12 * (i % 2), "y": 8 * (i // 2)},
+        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+        "targets": [{"refId": chr(65 + j), "expr": e, "legendFormat": legend} for j, (e, legend) in enumerate(exprs)],
+    }
+
+
+def grafana_dashboard() -> dict:
+    """Built on serve_app/metrics.py's names (tests/test_k8s.py checks every query names only those and
+    that every one is shown)."""
+    q = "histogram_quantile({p}, sum by (le, stage) (rate(ray_zimage_latency_seconds_bucket[5m])))"
+    panels = [
+        ("Requests / s by route and status", [("sum by (route, status) (rate(ray_zimage_requests_total[1m]))", "{{route}} {{status}}")], "reqps"),
+        ("Images / s", [("sum by (route) (rate(ray_zimage_images_total[1m]))", "{{route}}")], "short"),
+        ("Latency p50 by stage", [(q.format(p=0.5), "{{stage}}")], "s"),
+        ("Latency p95 by stage", [(q.format(p=0.95), "{{stage}}")], "s"),
+        ("In flight and queued", [("sum(ray_zimage_inflight_images)", "images in flight (ingress)"),
+                                  ("sum(ray_zimage_dit_queued_requests)", "DiT requests queued")], "short"),
+        ("DiT batch size (mean) and forwards / s by batch size",
+         [("sum(rate(ray_zimage_dit_batch_size_sum[5m])) / sum(rate(ray_zimage_dit_batch_size_count[5m]))", "mean batch"),
+          ("sum by (batch_size) (rate(ray_zimage_dit_forwards_total[5m]))", "forwards at batch {{batch_size}}")], "short"),
+        ("Stage batches / s", [("sum by (stage) (rate(ray_zimage_stage_batches_total[1m]))", "{{stage}}")], "short"),
+        ("GPU memory by stage and replica", [("max by (stage, replica) (ray_zimage_gpu_memory_in_use_bytes)", "in use {{stage}} {{replica}}"),
+                                             ("max by (stage, replica) (ray_zimage_gpu_memory_peak_bytes)", "peak {{stage}} {{replica}}")], "bytes"),
+        ("torch.compile while serving (should stay 0)", [("sum by (stage) (increase(ray_zimage_compiles_while_serving_total[1h]))", "{{stage}}")], "short"),
+        ("Error ratio (4xx, 5xx)", [('sum(rate(ray_zimage_requests_total{status=~"4.."}[5m])) / sum(rate(ray_zimage_requests_total[5m]))', "4xx"),
+                                    ('sum(rate(ray_zimage_requests_total{status=~"5.."}[5m])) / sum(rate(ray_zimage_requests_total[5m]))', "5xx")],
+         "percentunit"),
+    ]
+    return {
+        "title": "Z-Image-Turbo on Ray Serve", "uid": "z-image-serve", "schemaVersion": 39, "version": 1, "editable": True,
+        "time": {"from": "now-1h", "to": "now"}, "refresh": "30s", "tags": ["serve-app", "ray-serve"],
+        "templating": {"list": [{"name": "datasource", "type": "datasource", "query": "prometheus", "label": "Prometheus"}]},
+        "panels": [_panel(i, title, exprs, unit) for i, (title, exprs, unit) in enumerate(panels)],
+    }
+
+
 class _Dumper(yaml.SafeDumper):
     """Multi-line strings (serveConfigV2, scripts) as `|` blocks, readable in review and kubectl."""
 
@@ -409,6 +481,14 @@ def render() -> dict[str, str]:
             {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
              "resources": ["model-cache-pvc.yaml", "model-download-job.yaml"]}, "k8s/generate.py"),
     }
+    out["monitoring/podmonitor.yaml"] = _dump(pod_monitor(), "k8s/generate.py")
+    out["monitoring/grafana-dashboard.json"] = json.dumps(grafana_dashboard(), indent=2) + "\n"
+    out["monitoring/kustomization.yaml"] = _dump(
+        {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "resources": ["podmonitor.yaml"],
+         # Grafana's dashboard sidecar (kube-prometheus-stack) loads ConfigMaps labelled grafana_dashboard=1
+         "configMapGenerator": [{"name": "z-image-grafana-dashboard", "files": ["grafana-dashboard.json"],
+                                 "options": {"labels": {"grafana_dashboard": "1"}, "disableNameSuffixHash": True}}]},
+        "k8s/generate.py")
     for v in VARIANTS.values():
         out[f"{v.name}/rayservice.yaml"] = (
             f"# {v.description}\n" + _dump(rayservice(v), f"k8s/generate.py + {v.config}")

@@ -13,5 +13,11 @@
                    served schema with its limits, the model-derived prompt limit
   health.py        liveness / readiness from the replicas' published state
   serve_run.py     `serve run` that refuses a bound port and drains on SIGTERM
+  metrics.py, request_ids.py, logs.py, api_keys.py, quiet.py  operations: Prometheus metrics per stage,
+                   request ids, the JSON access log, optional API keys, filtered start-up noise
   pipeline.py, generate.py  the three engines in one process, and its command line
 """
+
+from serve_app import quiet as _quiet
+
+_quiet.install()  # known-harmless third-party start-up noise, filtered narrowly (serve_app/quiet.py says what and why)

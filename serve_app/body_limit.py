@@ -72,9 +72,9 @@ class BodyLimitMiddleware:
 
 
 async def _too_large(send, limit: int) -> None:
-    from serve_app.errors import too_large
+    from serve_app.errors import error_body, too_large
 
-    body = json.dumps(too_large(limit).body()).encode()
+    body = json.dumps(error_body(too_large(limit))).encode()
     await send({"type": "http.response.start", "status": 413,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})

@@ -282,6 +282,17 @@ class ServerConfig(_Strict):
     max_string_chars: int = Field(256, ge=1)  # model, size, user, quality, style (prompts: max_prompt_chars)
     # how often the ingress re-reads what the replicas publish for /health/ready (Serve's replica states)
     health_refresh_s: float = Field(1.0, gt=0)
+    # API keys (serve_app/api_keys.py): `Authorization: Bearer <key>` on every route but /health*, once any
+    # key is configured. Keys come from the environment variable `api_keys_env` (comma- or
+    # whitespace-separated) and the file `api_keys_file` (one a line, `#` comments; a Kubernetes Secret
+    # mounted there), read at start by each ingress replica; `require_api_keys` refuses to start without one.
+    api_keys_env: str | None = "SERVE_APP_API_KEYS"
+    api_keys_file: str | None = None
+    require_api_keys: bool = False
+    # Ray's Prometheus endpoint on this node (serve_app/metrics.py): `python -m serve_app.serve_run` starts
+    # its local Ray with it (`ray start --metrics-export-port` on a cluster). None: Ray picks a port.
+    metrics_export_port: int | None = Field(None, ge=1, le=65535)
+    access_log: bool = True  # one JSON line per HTTP request on the ingress's stderr (serve_app/logs.py)
 
     @model_validator(mode="after")
     def _default_size_allowed(self) -> "ServerConfig":

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import uuid
 
 import asyncio
 
@@ -21,15 +20,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app.body_limit import BodyTooLarge
 from serve_app.openai_api import APIError, param_from_pydantic_loc
+from serve_app.request_ids import new_request_id
 
 log = logging.getLogger("ray.serve")
 
 REQUEST_ID_HEADER = "x-request-id"
 _request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("serve_app_request_id", default=None)
-
-
-def new_request_id() -> str:
-    return "req_" + uuid.uuid4().hex[:24]
 
 
 def current_request_id() -> str:
@@ -92,8 +88,17 @@ def too_large(limit: int) -> APIError:
                     type="invalid_request_error")
 
 
+def error_body(e: APIError) -> dict:
+    """The error as OpenAI shapes it; its message ends with the request id (also the x-request-id header)."""
+    body = e.body()
+    rid = current_request_id()
+    if rid not in body["error"]["message"]:
+        body["error"]["message"] += f" (request id {rid})"
+    return body
+
+
 def error_response(e: APIError, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(status_code=e.status, content=e.body(), headers=headers or None)
+    return JSONResponse(status_code=e.status, content=error_body(e), headers=headers or None)
 
 
 # Module-level (not closures), so that Serve pickles the FastAPI app with references to them.

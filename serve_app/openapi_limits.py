@@ -28,6 +28,7 @@ ERRORS = {
     "429": "server.max_inflight_images are in flight", "500": "a stage failed; the message carries a request id",
     "503": "a stage's queue is full (`overloaded`), a stage is unavailable, or its worker died (`worker_died`); retry",
     "504": "the request took longer than server.request_timeout_s",
+    "401": "no API key, or not one of the server's (`invalid_api_key`): send `Authorization: Bearer <key>`",
 }
 
 
@@ -42,6 +43,11 @@ def build_schema(api: FastAPI, cfg: AppConfig, max_prompt_tokens: int | None) ->
     schema = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
     comps = schema.setdefault("components", {}).setdefault("schemas", {})
     comps["Error"] = copy.deepcopy(ERROR_SCHEMA)
+    from serve_app.api_keys import ApiKeys
+
+    keys_on = bool(ApiKeys.digests)
+    if keys_on:
+        schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
     for name in ("HTTPValidationError", "ValidationError"):
         comps.pop(name, None)
     for path, ops in schema.get("paths", {}).items():
@@ -51,6 +57,9 @@ def build_schema(api: FastAPI, cfg: AppConfig, max_prompt_tokens: int | None) ->
             codes = ["404", "405", "500"] + (["400", "413", "429", "503", "504"] if method == "post" else [])
             if path.startswith("/health"):
                 codes.append("503")
+            if keys_on and not path.startswith("/health"):  # serve_app/api_keys.py: every route but the probes
+                codes.append("401")
+                op["security"] = [{"bearer": []}]
             for code in codes:
                 responses[code] = {"description": ERRORS[code], **copy.deepcopy(_ERR)}
             if path in ("/v1/images/generations", "/v1/images/edits") and "200" in responses:

@@ -32,6 +32,14 @@ def http_address(config_path: str) -> tuple[str, int]:
     return str(http.get("host", DEFAULT_HOST)), int(http.get("port", DEFAULT_PORT))
 
 
+def metrics_export_port(config_path: str) -> int | None:
+    """`server.metrics_export_port` of the config's first application: Ray's Prometheus endpoint."""
+    with open(config_path) as f:
+        apps = (yaml.safe_load(f) or {}).get("applications") or [{}]
+    port = (((apps[0] or {}).get("args") or {}).get("server") or {}).get("metrics_export_port")
+    return int(port) if port is not None else None
+
+
 def check_port_free(host: str, port: int) -> None:
     """Bind the address without SO_REUSEPORT: that fails while any other socket listens there."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -86,9 +94,14 @@ def drain_apps(poll_s: float = 0.5) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     config = next((a for a in argv if a.endswith((".yaml", ".yml"))), None)
+    metrics_port = None
     if config is not None:
         check_port_free(*http_address(config))
+        metrics_port = metrics_export_port(config)
     os.environ["SERVE_SOCKET_REUSE_PORT_ENABLED"] = "0"  # inherited by the local cluster's proxy
+    from serve_app.request_ids import PROXY_ENV
+
+    os.environ.update(PROXY_ENV)  # the local cluster's proxy checks clients' X-Request-Id (serve_app/request_ids.py)
     import ray
 
     # ray.init installs SIGTERM handlers of its own (exit, or tear the local node down at once); ours
@@ -96,6 +109,9 @@ def main(argv: list[str] | None = None) -> None:
     ray_init = ray.init
 
     def init_then_drain_on_sigterm(*args, **kwargs):
+        starts_local = not (kwargs.get("address") or (args[0] if args else None) or os.environ.get("RAY_ADDRESS"))
+        if metrics_port is not None and starts_local:  # a cluster's nodes set theirs: ray start --metrics-export-port
+            kwargs.setdefault("_metrics_export_port", metrics_port)
         out = ray_init(*args, **kwargs)
         signal.signal(signal.SIGTERM, _sigterm)
         return out

@@ -321,3 +321,39 @@ def test_apply_sh_renders_the_variant_with_images_retargeted(variant):
     assert images and all(i.startswith("registry.example.com/ml/") and i.endswith(":1.2.3") for i in images)
     assert svc["spec"]["serveConfigV2"] == _load_yaml_docs(K8S / variant / "rayservice.yaml")[0]["spec"]["serveConfigV2"]
     assert not list(K8S.glob(".apply-*"))  # its temporary overlay is gone
+
+
+# --- operations and security -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", RAYSERVICES, ids=lambda p: p.parent.name)
+def test_ray_token_auth_api_keys_and_metrics_port_on_every_pod(path):
+    """Ray's token auth on (KubeRay keeps the token in a Secret), the ingress's API keys from a Secret and
+    required by the config, every pod's Ray metrics endpoint on the port the PodMonitor scrapes."""
+    [rs] = _load_yaml_docs(path)
+    cluster = rs["spec"]["rayClusterConfig"]
+    assert cluster["authOptions"] == {"mode": "token"}
+    assert yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["args"]["server"]["require_api_keys"] is True
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        assert group["rayStartParams"]["metrics-export-port"] == str(generate.METRICS_PORT)
+        [container] = group["template"]["spec"]["containers"]
+        assert {"containerPort": generate.METRICS_PORT, "name": "metrics"} in container["ports"]
+        env = {e["name"]: e for e in container["env"]}
+        assert env["SERVE_APP_API_KEYS"]["valueFrom"]["secretKeyRef"] == {"name": "z-image-api-keys", "key": "keys"}
+        assert env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"]["value"] == "serve_app.request_ids:proxy_middlewares"
+        assert not any("RAY_AUTH" in name for name in env)  # KubeRay sets them from its Secret, never a value here
+
+
+def test_monitoring_scrapes_the_metrics_port_and_the_dashboard_shows_every_metric():
+    import json
+    import re
+
+    from serve_app.metrics import METRIC_NAMES
+
+    [pm] = _load_yaml_docs(K8S / "monitoring" / "podmonitor.yaml")
+    assert pm["kind"] == "PodMonitor" and pm["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    assert pm["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": "serve-app"}
+    dashboard = json.loads((K8S / "monitoring" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {re.sub(r"_(bucket|sum|count)$", "", m) for e in exprs for m in re.findall(r"ray_zimage_\w+", e)}
+    assert used == set(METRIC_NAMES)  # every metric shown, and no name the server does not export

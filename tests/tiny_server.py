@@ -16,7 +16,10 @@ from pathlib import Path
 
 import httpx
 
-PORT = 18321
+# TINY_SERVER_PORT / TINY_SERVER_METRICS_PORT: for test sessions that run side by side on one machine
+# (Serve's proxy binds with SO_REUSEPORT: two sessions on one port would answer each other's requests)
+PORT = int(os.environ.get("TINY_SERVER_PORT", 18321))
+METRICS_PORT = int(os.environ.get("TINY_SERVER_METRICS_PORT", 19321))  # Ray's Prometheus endpoint (tests/test_ops.py reads it)
 BASE = f"http://127.0.0.1:{PORT}"
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,7 +72,12 @@ class TinyServe:
         # short autoscaling metric intervals, so that scaling is observable in seconds (tests/test_serving.py)
         os.environ["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
         os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
-        ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+        from serve_app.request_ids import PROXY_ENV
+
+        os.environ.update(PROXY_ENV)  # the proxy checks clients' X-Request-Id (serve_app/request_ids.py)
+        # metrics reported every second instead of Ray's 10 s, so tests read them sooner
+        ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+                 _metrics_export_port=METRICS_PORT, _system_config={"metrics_report_interval_ms": 1000})
         serve.start(http_options={"host": "127.0.0.1", "port": PORT})
         self.running = True
 

@@ -77,7 +77,12 @@ class DenoiserDeployment:
         self.engine, self.stats_ = StageStats.start(
             lambda: make_denoiser(cfg), lambda engine: self._gpu_thread.submit(engine.warmup, sizes, batch=batch).result(),
             opts.gpu_memory_gb if cfg.denoiser.sp_degree == 1 else None,  # an SP replica holds no GPU itself
+            stage="denoiser",
         )
+        from serve_app.metrics import DenoiserMetrics
+
+        self.metrics = DenoiserMetrics()  # batch sizes, forwards by batch size, queued requests
+        self.stats_.on_batch_start = lambda: self.metrics.queued.set(self._batcher.pending())
         self._batch_started: float | None = None  # when the running batch began (None: idle)
         self.max_batch_s = cfg.denoiser.max_batch_s
         tcfg = load_transformer_config(cfg.model)
@@ -114,6 +119,7 @@ class DenoiserDeployment:
                 lambda reqs: [lat.cpu() for lat in (self.engine.denoise(reqs, on_step) if on_step else self.engine.denoise(reqs))], requests)
         finally:
             self._batch_started = None
+        self.metrics.batch(len(requests), self.engine.stats().get("forward_batch_sizes", {}))
         return [DenoisedLatents(latents=lat, timings={"denoiser_s": dt, "denoiser_batch": len(requests)}) for lat in latents]
 
     def _validate(self, r: DenoiseRequest) -> None:
@@ -149,6 +155,7 @@ class DenoiserDeployment:
         return time.perf_counter() - t0 if fresh else 0.0
 
     async def denoise(self, request: DenoiseRequest) -> DenoisedLatents:
+        self.metrics.queued.set(self._batcher.pending() + 1)  # with this one (one refused next: set right at the next batch)
         self._validate(request)
         load_s = await self._load_adapters(request)
         result = await self._batcher.submit(_Job(request))

@@ -34,6 +34,9 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 from ray.serve.handle import DeploymentHandle
 
+from serve_app.api_keys import ApiKeyMiddleware, ApiKeys, load_keys
+from serve_app.logs import AccessLog, AccessLogMiddleware, note
+from serve_app.metrics import IngressMetrics
 from serve_app.body_limit import BodyLimit, BodyLimitMiddleware
 from serve_app.config import AppConfig
 from serve_app.errors import StageFailed, error_response, install_error_handlers, internal_error, named_stage, unwrap
@@ -78,6 +81,8 @@ api = FastAPI(
 # any parsing (serve_app/body_limit.py; the ingress sets the limit from its config).
 install_error_handlers(api)
 api.add_middleware(BodyLimitMiddleware, limits=BodyLimit)
+api.add_middleware(ApiKeyMiddleware)  # outside the body limit: no key, nothing read (serve_app/api_keys.py)
+api.add_middleware(AccessLogMiddleware)  # outermost: every answer logged and counted (serve_app/logs.py)
 install_openapi(api)  # the schema as served: 400s, every limit, from the config (serve_app/openapi_limits.py)
 
 
@@ -120,6 +125,9 @@ class ImageIngress:
         BodyLimit.max_body_bytes = self.server.max_body_bytes
         BodyLimit.max_multipart_bytes = self.server.max_body_bytes + 2 * self.server.max_upload_bytes  # image + mask
         configure_openapi(self.cfg, self.prompt_limits.max_tokens)
+        ApiKeys.configure(load_keys(self.server))
+        self.metrics = IngressMetrics()
+        AccessLog.configure(self.metrics, self.server.access_log)
         self.readiness = Readiness(self.server.health_refresh_s, self._warmup if self.server.warmup else None)
         try:
             self.readiness.start()
@@ -336,6 +344,8 @@ class ImageIngress:
         to it as they come (streaming), as dicts of serve_app/streaming.py's events."""
         self._check_capacity(req)  # again: a streamed request starts after its admission
         self.inflight_images += req.n
+        self.metrics.inflight.set(self.inflight_images)
+        note(n=req.n, steps=req.steps, size=f"{req.width}x{req.height}")
         self.counters["requests"] += 1
         t0 = time.perf_counter()
         responses: list = []
@@ -374,6 +384,7 @@ class ImageIngress:
             raise internal_error("generation failed", e) from None
         finally:
             self.inflight_images -= req.n
+            self.metrics.inflight.set(self.inflight_images)
             if not ok:  # a failed, timed-out or disconnected request frees its queued downstream work
                 asyncio.get_running_loop().run_in_executor(None, _cancel_all, responses)
         decoded, seeds = images
@@ -399,6 +410,8 @@ class ImageIngress:
             }
             data.append({"image": img, "format": req.output_format, "width": req.width, "height": req.height, "seed": seed, "timings": timings,
                          **({"revised_prompt": req.revised_prompt} if req.revised_prompt is not None else {})})
+        self.metrics.image_timings("/v1/images/edits" if edit is not None else "/v1/images/generations", [d["timings"] for d in data])
+        note(timings={k: round(max(d["timings"][k] for d in data), 4) for k in timings if k.endswith("_s")})
         return {"created": int(time.time()), "data": data, "timings": {"total_s": t_end - t0, "encode_s": t_end - t_stages}}
 
     async def _run_dag(self, req: ValidatedRequest, responses: list, edit: EditUpload | None = None, emit=None):

@@ -4,6 +4,7 @@ peak device memory, so tests and benchmarks read behaviour instead of inferring 
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import threading
 import time
@@ -13,6 +14,24 @@ import torch
 
 from serve_app.engines.compile_watch import compile_watch
 from serve_app.engines.devices import cap_process_memory
+
+
+def startup_line(stage: str, engine: Any, startup_s: dict[str, float]) -> str:
+    """One line per stage at start: where it runs and with what, and where its start went."""
+    info = engine.info() if hasattr(engine, "info") else {}
+    attention = info.get("attention") or {}
+    parts = [f"{stage} ready: device {engine.device}", f"dtype {str(getattr(engine, 'dtype', '?')).removeprefix('torch.')}"]
+    if attention:
+        parts.append("attention " + ",".join(sorted(set(attention.values()))))
+    if "fp8_dtype" in info:
+        parts.append(f"fp8 {info['fp8_dtype'] or 'off'}")
+    compiled = info.get("compile", getattr(engine, "compiled", None))
+    if compiled is not None:
+        parts.append(f"compile {'on' if compiled else 'off'}")
+    if info.get("sp"):
+        parts.append(f"SP {info['sp'].get('ulysses_degree')}x{info['sp'].get('ring_degree')}")
+    parts.append(f"build {startup_s.get('build', 0):.1f} s, warm-up {startup_s.get('warmup', 0):.1f} s")
+    return ", ".join(parts)
 
 
 class StageStats:
@@ -29,9 +48,12 @@ class StageStats:
         self.startup_s: dict[str, float] = {}  # where the replica's start went: build (load + switches), warmup
         self.startup_peak_memory_bytes: int | None = None
         self.compile_watch = None
+        self.metrics = None  # serve_app.metrics.StageMetrics once serving (Prometheus, through Ray Serve)
+        self.on_batch_start: Callable[[], None] | None = None  # e.g. the DiT's queue gauge
 
     @classmethod
-    def start(cls, build: Callable[[], Any], warmup: Callable[[Any], Any], gpu_memory_gb: float | None = None) -> tuple[Any, "StageStats"]:
+    def start(cls, build: Callable[[], Any], warmup: Callable[[Any], Any], gpu_memory_gb: float | None = None,
+              stage: str | None = None) -> tuple[Any, "StageStats"]:
         """Build a stage's engine (this process capped at `gpu_memory_gb`), then warm it up; the stats know
         where the start went."""
         if gpu_memory_gb is not None and torch.cuda.is_available():
@@ -48,14 +70,28 @@ class StageStats:
         if engine.device.type == "cuda":  # what start-up needed, then the serving peak from here on
             stats.startup_peak_memory_bytes = torch.cuda.max_memory_allocated(engine.device)
             torch.cuda.reset_peak_memory_stats(engine.device)
+        if stage is not None:
+            from serve_app.metrics import StageMetrics
+
+            stats.metrics = StageMetrics(stage)
+            logging.getLogger("ray.serve").info("%s", startup_line(stage, engine, stats.startup_s))
         return engine, stats
 
-    def timed(self, fn: Callable[[list], list], items: list) -> tuple[list, float]:
-        """fn(items), recorded as one batch; returns its results and seconds."""
+    def timed(self, fn: Callable[[list], list], items: list, kind: str | None = None) -> tuple[list, float]:
+        """fn(items), recorded as one batch (of `kind`, default the stage's name, in the metrics); returns
+        its results and seconds."""
+        if self.on_batch_start is not None:
+            self.on_batch_start()
         t0 = time.perf_counter()
         out = fn(items)
         dt = time.perf_counter() - t0
         self.record(len(items), dt)
+        if self.metrics is not None:
+            memory = None
+            if self.device.type == "cuda":
+                memory = (torch.cuda.memory_allocated(self.device), torch.cuda.max_memory_allocated(self.device))
+            compiles = self.compile_watch.compiles_while_serving if self.compile_watch is not None else 0
+            self.metrics.batch(kind or self.metrics.stage, memory, compiles)
         return out, dt
 
     def record(self, batch_size: int, seconds: float) -> None:

@@ -24,7 +24,7 @@ class TextEncoderDeployment:
     def __init__(self, app_config: dict):
         cfg = AppConfig.model_validate(app_config)
         self.engine, self.stats_ = StageStats.start(lambda: TextEncoderEngine(cfg.model, cfg.text_encoder), _warmup,
-                                                    cfg.text_encoder_deployment.gpu_memory_gb)
+                                                    cfg.text_encoder_deployment.gpu_memory_gb, stage="text_encoder")
         self._encode_batch.set_max_batch_size(cfg.text_encoder_deployment.max_batch_size)
         self._encode_batch.set_batch_wait_timeout_s(cfg.text_encoder_deployment.batch_wait_timeout_s)
 

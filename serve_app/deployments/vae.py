@@ -28,7 +28,7 @@ class VaeDecoderDeployment:
         self.engine, self.stats_ = StageStats.start(
             lambda: VaeEngine(cfg.model, cfg.vae),
             lambda engine: [engine.decode([torch.zeros(16, h // 8, w // 8)]) for h, w in sizes],
-            cfg.vae_deployment.gpu_memory_gb,
+            cfg.vae_deployment.gpu_memory_gb, stage="vae",
         )
         self.latent_channels = int(self.engine.vae.config.latent_channels)
         self._decode_batch.set_max_batch_size(cfg.vae_deployment.max_batch_size)
@@ -37,7 +37,7 @@ class VaeDecoderDeployment:
         self._encode_batch.set_batch_wait_timeout_s(cfg.vae_deployment.batch_wait_timeout_s)
 
     def _decode(self, items: list[DenoisedLatents]) -> list[DecodedImage]:
-        images, dt = self.stats_.timed(self.engine.decode, [it.latents for it in items])
+        images, dt = self.stats_.timed(self.engine.decode, [it.latents for it in items], kind="vae_decode")
         return [DecodedImage(pixels=img, timings={**it.timings, "vae_s": dt}) for it, img in zip(items, images)]
 
     async def decode(self, item: DenoisedLatents) -> DecodedImage:
@@ -51,7 +51,7 @@ class VaeDecoderDeployment:
         return await asyncio.to_thread(run_isolated, self._decode, items)
 
     def _encode(self, items: list[ImageToEncode]) -> list[EncodedImage]:
-        latents, dt = self.stats_.timed(lambda its: self.engine.encode([it.pixels for it in its], [it.seeds for it in its]), items)
+        latents, dt = self.stats_.timed(lambda its: self.engine.encode([it.pixels for it in its], [it.seeds for it in its]), items, kind="vae_encode")
         return [EncodedImage(latents=lat, timings={"vae_encode_s": dt}) for lat in latents]
 
     async def encode(self, item: ImageToEncode) -> EncodedImage:
