@@ -129,7 +129,7 @@ def test_request_ids_header_error_body_and_access_log(tiny_server):
     line = found["client-id.42:a_b"]
     assert line["route"] == "/v1/images/generations" and line["status"] == 200 and line["method"] == "POST"
     assert line["n"] == 1 and line["steps"] == 2 and line["size"] == "64x64" and line["bytes"] > 0
-    assert set(line["timings"]) == {"text_encoder_s", "denoiser_s", "vae_s", "encode_s", "queue_s", "total_s"}
+    assert set(line["timings"]) == {"text_encoder_s", "denoiser_s", "vae_s", "encode_s", "queue_s", "total_s", "lora_load_s"}
     assert found["client-400"]["status"] == 400 and "prompt" not in found["client-400"]
 
 
