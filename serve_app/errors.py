@@ -7,9 +7,9 @@ under that id, never into the body."""
 from __future__ import annotations
 
 import contextvars
+from typing import NoReturn
 import logging
 
-import asyncio
 
 from fastapi import FastAPI, Request
 from ray.exceptions import RayActorError
@@ -72,15 +72,19 @@ class StageFailed(Exception):
         self.stage, self.error = stage, error
 
 
+def raise_from_stage(e: Exception, stage: str) -> NoReturn:
+    """Re-raise a stage's failure for its caller: ours and Serve's own errors as they are, anything else
+    as `StageFailed(stage)` (a 500 that names the stage, its details only in the log)."""
+    if isinstance(e, (APIError, RequestCancelledError, BackPressureError, DeploymentUnavailableError, RayActorError)) or isinstance(unwrap(e), APIError):
+        raise e
+    raise StageFailed(stage, e) from e
+
+
 async def named_stage(response, stage: str):
     try:
         return await response
-    except (APIError, asyncio.CancelledError, RequestCancelledError, BackPressureError, DeploymentUnavailableError, RayActorError):
-        raise
-    except Exception as e:
-        if isinstance(unwrap(e), APIError):
-            raise
-        raise StageFailed(stage, e) from e
+    except Exception as e:  # asyncio.CancelledError is not an Exception: it passes as it is
+        raise_from_stage(e, stage)
 
 
 def too_large(limit: int) -> APIError:

@@ -26,11 +26,9 @@ from typing import AsyncIterator, Awaitable, Callable
 import numpy as np
 import torch
 from PIL import Image
-from ray.exceptions import RayActorError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 
 from serve_app.config import ServerConfig
-from serve_app.errors import StageFailed, internal_error, unwrap
+from serve_app.errors import internal_error, raise_from_stage
 from serve_app.image_encoding import encode_image
 from serve_app.openai_api import APIError, ValidatedRequest
 
@@ -75,12 +73,8 @@ async def stage_stream(stream, stage: str) -> AsyncIterator:
             item = await it.__anext__()
         except StopAsyncIteration:
             return
-        except (APIError, asyncio.CancelledError, RequestCancelledError, BackPressureError, DeploymentUnavailableError, RayActorError):
-            raise
         except Exception as e:
-            if isinstance(unwrap(e), APIError):
-                raise
-            raise StageFailed(stage, e) from e
+            raise_from_stage(e, stage)
         yield item
 
 

@@ -6,10 +6,8 @@ import math
 import random
 import statistics
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 

@@ -5,11 +5,9 @@ and the server serving normally after each."""
 import base64
 import concurrent.futures
 import io
-import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx

@@ -2,7 +2,6 @@
 readiness apart from liveness and from the stages' queues, one OpenAI-shaped error contract with a body
 limit and a schema that states the limits, a bound port refused at start."""
 
-import contextlib
 import concurrent.futures
 import json
 import os
@@ -10,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx

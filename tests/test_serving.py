@@ -1,10 +1,8 @@
 """The Serve application over real HTTP on a real local Ray cluster (CPU, tiny model)."""
 
-import asyncio
 import base64
 import concurrent.futures
 import io
-import os
 import time
 
 import httpx

@@ -14,7 +14,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -23,7 +22,7 @@ import pytest
 from PIL import Image
 
 from serve_app.engines.previews import preview_steps
-from tests.tiny_server import BASE, PORT, tiny_args  # noqa: F401
+from tests.tiny_server import BASE, PORT
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
