@@ -43,14 +43,18 @@ def _pretrained_kwargs(cfg: ModelConfig, subfolder: str) -> dict:
 @contextlib.contextmanager
 def _building_on(device: torch.device, dtype: torch.dtype, seed: int):
     """Build modules directly on `device` in `dtype` with seeded random weights."""
-    old = torch.get_default_dtype()
+    old, threads = torch.get_default_dtype(), torch.get_num_threads()
     torch.manual_seed(seed)
     torch.set_default_dtype(dtype)
+    if torch.device(device).type == "cpu":
+        # Ray caps a replica's threads at its num_cpus; drawing 6B random weights on 2 threads took 64 s
+        torch.set_num_threads(max(threads, os.cpu_count() or 1))
     try:
         with torch.device(device):
             yield
     finally:
         torch.set_default_dtype(old)
+        torch.set_num_threads(threads)
 
 
 def load_tokenizer(cfg: ModelConfig):
