@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import difflib
 import inspect
+import math
 import typing
 from typing import Any, Literal
 
@@ -323,6 +324,16 @@ class AppConfig(_Strict):
         s = self.server.smallest_side
         sizes = [tuple(x) for x in self.denoiser.warmup_sizes]
         return sizes + ([(s, s)] if (s, s) not in sizes else [])
+
+    def vae_start_sizes(self) -> list[tuple[int, int]]:
+        """`start_sizes`, plus the smallest square the VAE decodes tiled when the server accepts one: the
+        tiled path runs the decoder on tile-sized latents, warmed before traffic like the rest."""
+        sizes = self.start_sizes()
+        m, top = self.server.size_multiple, self.server.max_size
+        side = (math.isqrt(self.vae.tiling_min_pixels) // m + 1) * m  # side * side > tiling_min_pixels
+        if side <= top and not any(h * w > self.vae.tiling_min_pixels for h, w in sizes):
+            sizes.append((side, side))
+        return sizes
 
     @model_validator(mode="after")
     def _serve_options(self) -> "AppConfig":

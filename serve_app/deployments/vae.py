@@ -24,7 +24,7 @@ from serve_app.stage_messages import DecodedImage, DenoisedLatents, EncodedImage
 class VaeDecoderDeployment:
     def __init__(self, app_config: dict):
         cfg = AppConfig.model_validate(app_config)
-        sizes = cfg.start_sizes()
+        sizes = cfg.vae_start_sizes()
         self.engine, self.stats_ = StageStats.start(
             lambda: VaeEngine(cfg.model, cfg.vae),
             lambda engine: [engine.decode([torch.zeros(16, h // 8, w // 8)]) for h, w in sizes],

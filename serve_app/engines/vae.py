@@ -18,6 +18,21 @@ from serve_app.engines.library_internals import mark_spatial_dims_dynamic
 from serve_app.engines.model_sources import load_vae
 
 
+class SpatialDynamicCall(torch.nn.Module):
+    """The compiled decoder, its input's height and width marked symbolic at every call: the tiles of a
+    tiled decode too (diffusers slices them inside `decode`), which unmarked recompiled per tile shape on
+    the request path (24gb config, first 2048² request: 78 s of compiles, benchmarks/README.md)."""
+
+    def __init__(self, decoder):
+        super().__init__()
+        self.inner = decoder
+
+    def forward(self, z, *args, **kwargs):
+        z = z.contiguous()  # a tile is a view: its offset and strides would be guarded on too
+        mark_spatial_dims_dynamic(z)
+        return self.inner(z, *args, **kwargs)
+
+
 class VaeEngine:
     def __init__(self, model_cfg: ModelConfig, cfg: VaeConfig):
         self.cfg = cfg
@@ -30,7 +45,8 @@ class VaeEngine:
         self.spatial_dynamic = self.compiled and cfg.compile_dynamic
         if self.compiled:
             # dynamic=None: the dims marked at each call are symbolic, the rest (batch 1, channels) static
-            self.vae.decoder = torch.compile(self.vae.decoder, dynamic=None if self.spatial_dynamic else False)
+            decoder = torch.compile(self.vae.decoder, dynamic=None if self.spatial_dynamic else False)
+            self.vae.decoder = SpatialDynamicCall(decoder) if self.spatial_dynamic else decoder
 
     @torch.no_grad()
     def decode(self, latents: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -89,8 +105,6 @@ class VaeEngine:
             self.vae.enable_tiling()
         try:
             z = latents / self.scaling_factor + self.shift_factor
-            if self.spatial_dynamic:
-                mark_spatial_dims_dynamic(z)
             image = self.vae.decode(z, return_dict=False)[0]
         finally:
             if tiled:
