@@ -1,57 +1,71 @@
-"""`serve run configs/tiny-cpu.yaml` as a user types it: a subprocess that becomes healthy and answers."""
+"""The README's main command as a user types it (`python -m serve_app.serve_run configs/tiny-cpu.yaml`, which is
+Ray Serve's `serve run` CLI run in-process plus a port check and drain on SIGTERM): a subprocess that becomes
+healthy, answers, and on SIGTERM finishes the requests in flight before it exits."""
 
+import concurrent.futures
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import yaml
 
+from tests.tiny_server import wait_until
+
 ROOT = Path(__file__).resolve().parents[1]
+PORT = 18455
 
 
-def test_serve_run_tiny_cpu_config(tmp_path, tiny_dir):
+def test_serve_run_serves_the_tiny_cpu_config_and_drains_on_sigterm(tmp_path, tiny_dir):
     cfg = yaml.safe_load((ROOT / "configs/tiny-cpu.yaml").read_text())
     # Same file, but on a private port and the session's tiny model folder.
-    cfg["http_options"]["port"] = 18455
-    cfg["http_options"]["host"] = "127.0.0.1"
-    cfg["applications"][0]["args"]["model"]["tiny_dir"] = str(tiny_dir)
+    cfg["http_options"].update(host="127.0.0.1", port=PORT)
+    args = cfg["applications"][0]["args"]
+    args["model"]["tiny_dir"] = str(tiny_dir)
+    args["server"].pop("metrics_export_port", None)  # the shared test server's Ray may hold its own
     path = tmp_path / "tiny-cpu.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a fresh local cluster of its own
     env.update(RAY_AUTH_MODE="disabled", PYTHONPATH=str(ROOT))
-    serve_bin = Path(sys.executable).with_name("serve")
-    proc = subprocess.Popen([str(serve_bin), "run", str(path)], cwd=tmp_path, env=env,
-                            stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen([sys.executable, "-m", "serve_app.serve_run", str(path)], cwd=tmp_path, env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{PORT}"
     try:
-        deadline = time.time() + 240
-        healthy = False
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                healthy = httpx.get("http://127.0.0.1:18455/health", timeout=30).status_code == 200
-            except httpx.HTTPError:
-                pass
-            if healthy:
-                break
-            time.sleep(2)
-        assert healthy, (tmp_path / "serve.log").read_text()[-3000:]
-        r = httpx.post("http://127.0.0.1:18455/v1/images/generations", json={"prompt": "a cat", "size": "64x64", "seed": 1}, timeout=60)
+        def ready():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            return httpx.get(base + "/health/ready", timeout=30).status_code == 200
+
+        wait_until(ready, 300, "healthy")
+        r = httpx.post(base + "/v1/images/generations", json={"prompt": "a cat", "size": "64x64", "seed": 1}, timeout=60)
         assert r.status_code == 200 and r.json()["data"][0]["b64_json"]
         # the file serves the tiny model's demo LoRA adapter out of the box
-        assert [d["id"] for d in httpx.get("http://127.0.0.1:18455/v1/loras", timeout=30).json()["data"]] == ["tiny-demo"]
-        lora = httpx.post("http://127.0.0.1:18455/v1/images/generations",
-                          json={"prompt": "a cat", "size": "64x64", "seed": 1, "lora": "tiny-demo"}, timeout=60)
+        assert [d["id"] for d in httpx.get(base + "/v1/loras", timeout=30).json()["data"]] == ["tiny-demo"]
+        lora = httpx.post(base + "/v1/images/generations", json={"prompt": "a cat", "size": "64x64", "seed": 1, "lora": "tiny-demo"},
+                          timeout=60)
         assert lora.status_code == 200, lora.text
         assert lora.json()["data"][0]["b64_json"] != r.json()["data"][0]["b64_json"]
+
+        # SIGTERM (`kill PID`, or a container runtime signalling PID 1) while requests are in flight: every one
+        # completes, then the process exits
+        n = 4
+        with concurrent.futures.ThreadPoolExecutor(n) as pool:
+            futures = [pool.submit(httpx.post, base + "/v1/images/generations",
+                                   json={"prompt": f"drain {i}", "size": "256x256", "num_inference_steps": 30, "seed": i}, timeout=300)
+                       for i in range(n)]
+            wait_until(lambda: httpx.get(base + "/v1/stats", timeout=30).json()["ingress"]["inflight_images"] == n, 120, "all in flight")
+            os.kill(proc.pid, signal.SIGTERM)
+            results = [f.result() for f in futures]
+        assert [r.status_code for r in results] == [200] * n, [r.text[:200] for r in results]
+        assert proc.wait(timeout=120) is not None
     finally:
         _stop(proc)
 
 
 def _stop(proc):
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):  # serve run in a background job ignores SIGINT
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
         try:
             os.killpg(proc.pid, sig)
             proc.wait(timeout=wait)

@@ -210,7 +210,7 @@ def test_request_timeout_gives_504_and_frees_the_server(tiny_server, tiny_dir):
     serve.delete("timeouts")
 
 
-def test_denoiser_autoscales_up_and_down_without_losing_requests(tiny_server, tiny_dir):
+def test_denoiser_autoscales_up_then_an_upgrade_downscales_without_losing_requests(tiny_server, tiny_dir):
     from ray import serve
 
     from serve_app.app import build_app
@@ -236,19 +236,12 @@ def test_denoiser_autoscales_up_and_down_without_losing_requests(tiny_server, ti
             peak = max(peak, replicas())
     assert peak == 2, "denoiser never scaled to 2 replicas"
     assert results and set(results) == {200}, results  # nothing lost or refused while scaling
-    deadline = time.time() + 90
-    while time.time() < deadline and replicas() != 1:
-        time.sleep(1)
-    assert replicas() == 1, "denoiser did not scale back to 1"
-    assert _post({"prompt": "after", "size": "64x64", "num_inference_steps": 1}, base=base).status_code == 200
 
-    # An upgrade that also downscales, as a RayService applies a new config: two fixed denoiser replicas,
-    # both busy, then the app redeployed with one (and a changed ingress config, so the ingress is replaced
-    # too) while the requests are in flight. Serve stops the old replicas only after they finish their
-    # work (graceful_shutdown_timeout_s, serve_app/config.py): every request completes.
+    # An upgrade that also downscales, as a RayService applies a new config: both autoscaled denoiser
+    # replicas busy, then the app redeployed with one fixed replica (and a changed ingress config, so the
+    # ingress is replaced too) while the requests are in flight. Serve stops the old replicas only after
+    # they finish their work (graceful_shutdown_timeout_s, serve_app/config.py): every request completes.
     fixed = {k: v for k, v in args["denoiser_deployment"].items() if k != "autoscaling_config"}
-    serve.run(build_app({**args, "denoiser_deployment": {**fixed, "num_replicas": 2}}), name="scaling", route_prefix="/scaling")
-    assert replicas() == 2
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         inflight = [pool.submit(_post, {"prompt": f"upgrade {i}", "size": "256x256", "num_inference_steps": 12, "seed": i}, base, 300)
                     for i in range(4)]
