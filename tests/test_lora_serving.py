@@ -34,6 +34,12 @@ def tiny_args(tiny_dir, lora_dir) -> dict:
         lora={"enabled": True, "dir": str(lora_dir), "max_loaded": 4, "max_rank": 16},
         # two replicas: multiplexing decides which one gets a request for an adapter
         denoiser_deployment={"num_replicas": 2, "batch_wait_timeout_s": 0.0},
+        # one item per text-encoder and VAE forward: the concurrency test compares images bit for bit, and on
+        # CPU a batch of several may round one pixel differently (oneDNN picks its kernel by batch size; a
+        # loaded CI machine put concurrent requests in one VAE batch); the DiT, which the adapters change,
+        # batches as configured
+        text_encoder_deployment={"max_batch_size": 1},
+        vae_deployment={"max_batch_size": 1},
         # a request for an adapter waits up to this for a replica that holds it (Serve's default 1-2 s, on a
         # loaded 2-core CI machine, could send it elsewhere before the router hears of the load); the router
         # runs in the ingress's process
