@@ -325,10 +325,13 @@ class AppConfig(_Strict):
         sizes = [tuple(x) for x in self.denoiser.warmup_sizes]
         return sizes + ([(s, s)] if (s, s) not in sizes else [])
 
-    def vae_start_sizes(self) -> list[tuple[int, int]]:
-        """`start_sizes`, plus the smallest square the VAE decodes tiled when the server accepts one: the
-        tiled path runs the decoder on tile-sized latents, warmed before traffic like the rest."""
+    def vae_start_sizes(self, compiled: bool) -> list[tuple[int, int]]:
+        """`start_sizes`, plus, for a compiled decoder, the smallest square the VAE decodes tiled when the
+        server accepts one: the tiled path runs the decoder on tile-sized latents, whose graph is warmed
+        before traffic like the rest (an eager decoder has nothing to warm there)."""
         sizes = self.start_sizes()
+        if not compiled:
+            return sizes
         m, top = self.server.size_multiple, self.server.max_size
         side = (math.isqrt(self.vae.tiling_min_pixels) // m + 1) * m  # side * side > tiling_min_pixels
         if side <= top and not any(h * w > self.vae.tiling_min_pixels for h, w in sizes):

@@ -113,3 +113,10 @@ def test_text_encoder_padding_must_fit_its_limit():
     with pytest.raises(ValidationError, match=r"max_sequence_length \(100\) must be a multiple of pad_to_multiple_of \(64\)"):
         AppConfig.model_validate({"text_encoder": {"max_sequence_length": 100}})
     AppConfig.model_validate({"text_encoder": {"max_sequence_length": 100, "pad_to_max_length": True}})
+
+
+def test_vae_warms_a_tiled_size_only_when_its_decoder_is_compiled():
+    cfg = AppConfig.model_validate({"server": {"max_size": 2048}, "vae": {"tiling_min_pixels": 1024 * 1024}})
+    tiled = [s for s in cfg.vae_start_sizes(compiled=True) if s[0] * s[1] > 1024 * 1024]
+    assert tiled == [(1040, 1040)]  # the smallest tiled square that is a multiple of 16
+    assert cfg.vae_start_sizes(compiled=False) == cfg.start_sizes()

@@ -24,10 +24,9 @@ from serve_app.stage_messages import DecodedImage, DenoisedLatents, EncodedImage
 class VaeDecoderDeployment:
     def __init__(self, app_config: dict):
         cfg = AppConfig.model_validate(app_config)
-        sizes = cfg.vae_start_sizes()
         self.engine, self.stats_ = StageStats.start(
             lambda: VaeEngine(cfg.model, cfg.vae),
-            lambda engine: [engine.decode([torch.zeros(16, h // 8, w // 8)]) for h, w in sizes],
+            lambda engine: [engine.decode([torch.zeros(16, h // 8, w // 8)]) for h, w in cfg.vae_start_sizes(engine.compiled)],
             cfg.vae_deployment.gpu_memory_gb, stage="vae",
         )
         self.latent_channels = int(self.engine.vae.config.latent_channels)
