@@ -29,8 +29,10 @@ STAGES = ("TextEncoder", "Denoiser", "VaeDecoder")
 
 
 class Readiness:
-    def __init__(self, refresh_s: float, warmup: Callable[[], Awaitable[None]] | None):
+    def __init__(self, refresh_s: float, warmup: Callable[[], Awaitable[None]] | None, stages: tuple[str, ...] = STAGES):
+        """`stages`: the deployments that each need a RUNNING replica (every denoiser route's among them)."""
         self.refresh_s = refresh_s
+        self.required = stages
         self.warmup = warmup  # None: no warm-up generation needed
         self.warm = warmup is None
         self.stages: dict[str, dict] = {}
@@ -48,7 +50,7 @@ class Readiness:
         app_name = serve.get_replica_context().app_name
         app = serve.status().applications[app_name]
         return {name: {"status": str(getattr(dep.status, "value", dep.status)), "running": dep.replica_states.get("RUNNING", 0)}
-                for name, dep in app.deployments.items() if name in STAGES}
+                for name, dep in app.deployments.items() if name in self.required}
 
     async def _run(self) -> None:
         while True:
@@ -56,7 +58,7 @@ class Readiness:
                 stages = await asyncio.wait_for(asyncio.to_thread(self._read), timeout=max(5.0, 5 * self.refresh_s))
                 self.stages = stages
                 self.checked_at = time.monotonic()
-                missing = [n for n in STAGES if stages.get(n, {}).get("running", 0) < 1]
+                missing = [n for n in self.required if stages.get(n, {}).get("running", 0) < 1]
                 if missing:
                     self.reason = "no running replica of " + ", ".join(missing)
                 elif not self.warm:
