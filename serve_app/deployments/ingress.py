@@ -15,6 +15,10 @@ Edits (POST /v1/images/edits, multipart): the uploads are checked from their hea
 before anything is decoded, serve_app/uploads.py), decoded and resized in a worker thread, VAE-encoded
 (one call per request, one posterior sample per seed) while the prompt is encoded, then denoised from
 the image's latents with the request's strength (and mask) and decoded as a generation is.
+
+Size routing (`denoiser_routes`, serve_app/routing.py): each request's DiT calls go to the denoiser
+deployment its pixel count picks (the main `Denoiser` or a route's `Denoiser-<name>`), plain, streamed and
+edit alike; LoRA multiplexing applies on that deployment's handle.
 """
 
 from __future__ import annotations
