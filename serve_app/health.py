@@ -1,8 +1,8 @@
 """Liveness and readiness, apart, answered from published state without touching the stages' queues.
 
 `/health/live`: the ingress answers at all (its event loop runs). `/health/ready` (and `/health`): every
-stage deployment has a RUNNING replica, as Ray Serve's controller publishes it, and one warm-up
-generation has gone through every stage. A replica is RUNNING only once its constructor returned (model
+stage deployment (each size route's denoiser among them) has a RUNNING replica, as Ray Serve's
+controller publishes it, and one warm-up generation has gone through every stage. A replica is RUNNING only once its constructor returned (model
 loaded, warmed up) and while its health check passes; a stage's `check_health` fails for a dead or hung
 SP rank and for a DiT batch past `denoiser.max_batch_s`, and Serve counts a health check that does not
 return within `health_check_timeout_s` as failed, so a wedged stage (a replica that stops answering)
