@@ -12,6 +12,7 @@ from serve_app.deployments.denoiser import DenoiserDeployment
 from serve_app.deployments.ingress import ImageIngress
 from serve_app.deployments.text_encoder import TextEncoderDeployment
 from serve_app.deployments.vae import VaeDecoderDeployment
+from serve_app.routing import MAIN_DEPLOYMENT
 
 
 # What the stages pass each other are CPU tensors that nobody writes to (embeddings, latents, pixels):
@@ -30,8 +31,9 @@ def deployment_options(opts: DeploymentOptions, name: str) -> dict[str, Any]:
     return {"name": name, **out}
 
 
-def denoiser_options(cfg: AppConfig) -> dict[str, Any]:
-    out = deployment_options(cfg.denoiser_deployment, "Denoiser")
+def denoiser_options(cfg: AppConfig, name: str = MAIN_DEPLOYMENT) -> dict[str, Any]:
+    """One denoiser deployment's options; `cfg` is the config it runs on (`AppConfig.for_route`)."""
+    out = deployment_options(cfg.denoiser_deployment, name)
     n = cfg.denoiser.sp_degree
     if n > 1:
         # The replica (bundle 0, CPU only) drives one rank worker per GPU bundle; STRICT_PACK keeps a
@@ -53,6 +55,9 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     cfg = AppConfig.model_validate(args or {})
     as_dict = cfg.model_dump(mode="json")
     te = TextEncoderDeployment.options(**deployment_options(cfg.text_encoder_deployment, "TextEncoder")).bind(as_dict)
-    dn = DenoiserDeployment.options(**denoiser_options(cfg)).bind(as_dict)
+    dn = DenoiserDeployment.options(**denoiser_options(cfg.for_route(None))).bind(as_dict)
+    # one deployment per size route, each with its own replicas (and SP placement group)
+    routes = {r.name: DenoiserDeployment.options(**denoiser_options(cfg.for_route(r.name), r.deployment_name)).bind(as_dict, r.name)
+              for r in cfg.denoiser_routes}
     vae = VaeDecoderDeployment.options(**deployment_options(cfg.vae_deployment, "VaeDecoder")).bind(as_dict)
-    return ImageIngress.options(**deployment_options(cfg.ingress_deployment, "Ingress")).bind(te, dn, vae, as_dict)
+    return ImageIngress.options(**deployment_options(cfg.ingress_deployment, "Ingress")).bind(te, dn, vae, as_dict, denoiser_routes=routes)

@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from serve_app.routing import MAIN_DEPLOYMENT, choose_route, route_deployment_name
+
 HUB_MODEL_ID = "Tongyi-MAI/Z-Image-Turbo"
 
 
@@ -187,6 +189,31 @@ class DeploymentOptions(BaseModel):
         return self.serve_options().get("ray_actor_options") or {}
 
 
+class DenoiserRoute(_Strict):
+    """One more denoiser deployment, `Denoiser-<name>`, serving every request of at least `min_pixels`
+    (height x width; the route with the largest threshold a request reaches wins, serve_app/routing.py):
+    e.g. 2048² on sequence-parallel groups while 1024² stays on single-GPU replicas. Its own SP layout,
+    warm-up sizes and Serve options; everything else of the DiT (fp8, compile, steps, LoRA, batching
+    bounds) is `denoiser`'s."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,40}$")  # the deployment is Denoiser-<name>
+    min_pixels: int = Field(ge=1)
+    ulysses_degree: int = Field(1, ge=1)
+    ring_degree: int = Field(1, ge=1)
+    warmup_sizes: list[tuple[int, int]] = Field(default_factory=list)  # (height, width), each one it serves
+    # as `denoiser_deployment`: our batching fields and Ray Serve's options (num_replicas or
+    # autoscaling_config, ray_actor_options: num_gpus per SP rank, ...)
+    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+
+    @property
+    def sp_degree(self) -> int:
+        return self.ulysses_degree * self.ring_degree
+
+    @property
+    def deployment_name(self) -> str:
+        return route_deployment_name(self.name)
+
+
 def _model_in(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
     """The pydantic model a Serve field holds (itself or in a Union; not in a list), and whether a plain
     dict is accepted there too (Serve's schema then passes the dict through unchecked)."""
@@ -278,6 +305,12 @@ class ServerConfig(_Strict):
         m = self.size_multiple
         side = -(-max(self.min_size, 64) // m) * m
         return side if side <= self.max_size else self.max_size // m * m
+
+    @property
+    def pixel_range(self) -> tuple[int, int]:
+        """The fewest and the most pixels (height x width) of a size the API accepts."""
+        m = self.size_multiple
+        return (-(-self.min_size // m) * m) ** 2, (self.max_size // m * m) ** 2
     # larger JSON bodies get 413 before parsing; multipart uploads may add two files of max_upload_bytes
     max_body_bytes: int = Field(1 << 20, ge=1024)
     max_string_chars: int = Field(256, ge=1)  # model, size, user, quality, style (prompts: max_prompt_chars)
@@ -317,13 +350,50 @@ class AppConfig(_Strict):
     denoiser_deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
     vae_deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
     ingress_deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    # more denoiser deployments, each for the requests of at least its min_pixels (DenoiserRoute); the
+    # main one above serves every size below the smallest threshold
+    denoiser_routes: list[DenoiserRoute] = Field(default_factory=list)
+
+    def route_for(self, height: int, width: int) -> DenoiserRoute | None:
+        """The route a request of this size goes to; None: the main denoiser."""
+        return choose_route(height * width, self.denoiser_routes)
+
+    def denoiser_deployment_names(self) -> list[str]:
+        """Every denoiser deployment of the app, the main one first."""
+        return [MAIN_DEPLOYMENT] + [r.deployment_name for r in self.denoiser_routes]
+
+    def _route(self, name: str) -> DenoiserRoute:
+        found = [r for r in self.denoiser_routes if r.name == name]
+        if not found:
+            raise KeyError(f"no denoiser route {name!r}")
+        return found[0]
+
+    def for_route(self, route: str | None) -> "AppConfig":
+        """The config one denoiser deployment runs on (its replicas and SP ranks read `denoiser` and
+        `denoiser_deployment`): for a route, `denoiser` with the route's SP degrees and warm-up sizes and
+        the route's deployment block; no routes of its own. None: the main denoiser's."""
+        if route is None:
+            return self.model_copy(update={"denoiser_routes": []})
+        r = self._route(route)
+        denoiser = self.denoiser.model_copy(update={"ulysses_degree": r.ulysses_degree, "ring_degree": r.ring_degree,
+                                                    "warmup_sizes": list(r.warmup_sizes)})
+        return self.model_copy(update={"denoiser": denoiser, "denoiser_deployment": r.deployment, "denoiser_routes": []})
+
+    def dit_start_sizes(self, route: str | None = None) -> list[tuple[int, int]]:
+        """(height, width) one denoiser deployment warms up with at start: its configured ones, then the
+        smallest accepted square where this deployment serves it (the /health warm-up's; a small latent
+        compiles its own graph). A route never warms a size that another deployment serves."""
+        s = self.server.smallest_side
+        sizes = [tuple(x) for x in (self._route(route).warmup_sizes if route is not None else self.denoiser.warmup_sizes)]
+        serves_square = getattr(self.route_for(s, s), "name", None) == route
+        return sizes + ([(s, s)] if serves_square and (s, s) not in sizes else [])
 
     def start_sizes(self) -> list[tuple[int, int]]:
-        """(height, width) the DiT and the VAE warm up with at start: the configured ones, then the smallest
-        accepted square (the /health warm-up's; a small latent compiles its own graph)."""
-        s = self.server.smallest_side
-        sizes = [tuple(x) for x in self.denoiser.warmup_sizes]
-        return sizes + ([(s, s)] if (s, s) not in sizes else [])
+        """Every size a denoiser deployment warms up with at start (the VAE decodes them all)."""
+        sizes: list[tuple[int, int]] = []
+        for route in [None] + [r.name for r in self.denoiser_routes]:
+            sizes += [x for x in self.dit_start_sizes(route) if x not in sizes]
+        return sizes
 
     def vae_start_sizes(self, compiled: bool) -> list[tuple[int, int]]:
         """`start_sizes`, plus, for a compiled decoder, the smallest square the VAE decodes tiled when the
@@ -343,9 +413,12 @@ class AppConfig(_Strict):
         """Check every stage's Serve options against Serve's schema (all problems at once, each named),
         then put our defaults under them."""
         problems = []
-        for stage, defaults in SERVE_DEFAULTS.items():
-            refused = APP_SET_KEYS + (SP_APP_SET_KEYS if stage == "denoiser_deployment" and self.denoiser.sp_degree > 1 else ())
-            opts: DeploymentOptions = getattr(self, stage)
+        blocks = [(stage, getattr(self, stage), defaults, stage == "denoiser_deployment" and self.denoiser.sp_degree > 1)
+                  for stage, defaults in SERVE_DEFAULTS.items()]
+        blocks += [(f"denoiser_routes[{i}].deployment", r.deployment, SERVE_DEFAULTS["denoiser_deployment"], r.sp_degree > 1)
+                   for i, r in enumerate(self.denoiser_routes)]
+        for stage, opts, defaults, sp in blocks:
+            refused = APP_SET_KEYS + (SP_APP_SET_KEYS if sp else ())
             given = opts.model_extra or {}
             problems += check_serve_options(given, stage, refused)
             # drain: on shutdown (SIGTERM, an upgrade, a downscale) a replica stops taking new work and
@@ -355,8 +428,38 @@ class AppConfig(_Strict):
             if "num_replicas" not in merged and "autoscaling_config" not in merged:
                 merged["num_replicas"] = 1
             opts.__pydantic_extra__ = merged
+        problems += self._route_problems()
         if self.lora.enabled and self.lora.dir is None and self.model.source != "tiny":
             problems.append("lora.dir: required when lora.enabled (only the tiny model has a default, its demo adapter)")
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def _route_problems(self) -> list[str]:
+        """Each route must serve some size the API accepts and leave the main denoiser some; each
+        deployment warms only sizes it serves."""
+        problems = []
+        fewest, most = self.server.pixel_range
+        for key in ("name", "min_pixels"):
+            seen: set = set()
+            for i, r in enumerate(self.denoiser_routes):
+                value = getattr(r, key)
+                if value in seen:
+                    problems.append(f"denoiser_routes[{i}].{key}: {value!r} is another route's too")
+                seen.add(value)
+        for i, r in enumerate(self.denoiser_routes):
+            if r.min_pixels <= fewest:
+                problems.append(f"denoiser_routes[{i}].min_pixels: {r.min_pixels} takes even the smallest size the server accepts "
+                                f"({fewest} pixels), leaving the main denoiser nothing; it must be above {fewest}")
+            if r.min_pixels > most:
+                problems.append(f"denoiser_routes[{i}].min_pixels: {r.min_pixels} is above the largest size the server accepts "
+                                f"({most} pixels): the route would serve nothing")
+        warmups = [("denoiser.warmup_sizes", None, self.denoiser.warmup_sizes)]
+        warmups += [(f"denoiser_routes[{i}].warmup_sizes", r.name, r.warmup_sizes) for i, r in enumerate(self.denoiser_routes)]
+        for path, route, sizes in warmups:
+            for h, w in sizes:
+                served_by = self.route_for(h, w)
+                if getattr(served_by, "name", None) != route:
+                    where = f"route {served_by.name!r}" if served_by is not None else "the main denoiser"
+                    problems.append(f"{path}: {h}x{w} is served by {where}; warm it there")
+        return problems

@@ -1,8 +1,8 @@
 """Liveness and readiness, apart, answered from published state without touching the stages' queues.
 
 `/health/live`: the ingress answers at all (its event loop runs). `/health/ready` (and `/health`): every
-stage deployment has a RUNNING replica, as Ray Serve's controller publishes it, and one warm-up
-generation has gone through every stage. A replica is RUNNING only once its constructor returned (model
+stage deployment (each size route's denoiser among them) has a RUNNING replica, as Ray Serve's
+controller publishes it, and one warm-up generation has gone through every stage. A replica is RUNNING only once its constructor returned (model
 loaded, warmed up) and while its health check passes; a stage's `check_health` fails for a dead or hung
 SP rank and for a DiT batch past `denoiser.max_batch_s`, and Serve counts a health check that does not
 return within `health_check_timeout_s` as failed, so a wedged stage (a replica that stops answering)
@@ -29,8 +29,10 @@ STAGES = ("TextEncoder", "Denoiser", "VaeDecoder")
 
 
 class Readiness:
-    def __init__(self, refresh_s: float, warmup: Callable[[], Awaitable[None]] | None):
+    def __init__(self, refresh_s: float, warmup: Callable[[], Awaitable[None]] | None, stages: tuple[str, ...] = STAGES):
+        """`stages`: the deployments that each need a RUNNING replica (every denoiser route's among them)."""
         self.refresh_s = refresh_s
+        self.required = stages
         self.warmup = warmup  # None: no warm-up generation needed
         self.warm = warmup is None
         self.stages: dict[str, dict] = {}
@@ -48,7 +50,7 @@ class Readiness:
         app_name = serve.get_replica_context().app_name
         app = serve.status().applications[app_name]
         return {name: {"status": str(getattr(dep.status, "value", dep.status)), "running": dep.replica_states.get("RUNNING", 0)}
-                for name, dep in app.deployments.items() if name in STAGES}
+                for name, dep in app.deployments.items() if name in self.required}
 
     async def _run(self) -> None:
         while True:
@@ -56,7 +58,7 @@ class Readiness:
                 stages = await asyncio.wait_for(asyncio.to_thread(self._read), timeout=max(5.0, 5 * self.refresh_s))
                 self.stages = stages
                 self.checked_at = time.monotonic()
-                missing = [n for n in STAGES if stages.get(n, {}).get("running", 0) < 1]
+                missing = [n for n in self.required if stages.get(n, {}).get("running", 0) < 1]
                 if missing:
                     self.reason = "no running replica of " + ", ".join(missing)
                 elif not self.warm:

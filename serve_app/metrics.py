@@ -18,6 +18,9 @@ scraped (counters get `_total`, histograms `_bucket` / `_sum` / `_count`):
 | `ray_zimage_gpu_memory_in_use_bytes`, `ray_zimage_gpu_memory_peak_bytes` | stage | GPU memory of the stage's process (peak since it became ready); GPU stages only |
 | `ray_zimage_compiles_while_serving_total` | stage | torch.compile work on the request path (0 once warm) |
 
+A size-routed app's DiT deployments (`denoiser_routes`) report apart through Serve's `deployment` tag
+(`Denoiser`, `Denoiser-<name>`).
+
 Tests (tests/test_metrics.py) read these names from the endpoint; k8s/grafana-dashboard.json is built on them.
 """
 

@@ -4,6 +4,9 @@ GPUs (`num_gpus=4`; torch is CPU-only here, so every rank falls back to CPU + gl
 - SP 4 (ulysses 2 x ring 2: the tiny DiT has 6 heads, so Ulysses 4 is not allowed) and SP 2 (ulysses 2)
   answer `POST /v1/images/generations` with the SP 1 image, alone and in a batch of concurrent
   requests with different prompt lengths.
+- The SP 2 app is routed by size (`denoiser_routes`, the fractions of configs/random-full-routed.yaml):
+  64x64 to a single-rank main Denoiser, 96x96 and up to the SP 2 route Denoiser-large; plain, streamed
+  and edit requests each reach only the deployment of their size, which serves the SP 1 image.
 - The Denoiser replica's placement group, read back from Ray's table, is 1 CPU bundle + N GPU bundles,
   STRICT_PACK, and holds the N `SPRankWorker`s.
 - The GPU fractions of the SP configs (configs/*-sp*.yaml) reserve on a host of that many GPUs in
@@ -12,7 +15,7 @@ GPUs (`num_gpus=4`; torch is CPU-only here, so every rank falls back to CPU + gl
   flight at once with an OpenAI-shaped 5xx, Serve's health check replaces the replica with a new SP
   group, and the app then serves the SP 1 image again.
 
-One Ray cluster for the module; one app at a time (SP 4, then SP 2), deployed when a test first needs it.
+One Ray cluster for the module; one app at a time (SP 4, then routed SP 2), deployed when a test first needs it.
 The SP 1 reference is the in-process `StagedPipeline` at one torch thread, as in the replicas (the
 same code the SP 1 app runs: tests/test_serving.py shows them bit-identical).
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import io
+import json
 import os
 import signal
 import time
@@ -40,6 +44,9 @@ DASHBOARD_PORT = 18471  # the state API (list_actors / list_tasks) goes through 
 STATE_API = f"http://127.0.0.1:{DASHBOARD_PORT}"
 BASE = f"http://127.0.0.1:{PORT}"
 SIZE, STEPS = 64, 2
+# the routed app's SP 2 route serves this size and up (the main single-rank denoiser: below it)
+LARGE_SIZE = 96
+ROUTE = "large"
 # the SP process group's timeout: a request failing within it after a rank's death is failing fast
 COLLECTIVE_TIMEOUT_S = 60
 # different prompt lengths (tokens 3 .. ~40): a masked DiT batch when they arrive together
@@ -61,10 +68,16 @@ MAX_DIFF_FRACTION = 0.0025
 VARIANTS = {
     # whole-GPU ranks (denoiser_deployment.ray_actor_options.num_gpus unset -> 1 per rank); the other stages on CPU
     "sp4": {"ulysses_degree": 2, "ring_degree": 2},
-    # the GPU fractions of configs/random-full-sp2.yaml: ranks 0.8 each, text encoder / VAE 0.1 each
-    "sp2": {"ulysses_degree": 2, "ring_degree": 1},
+    # routed: a single-rank main denoiser below LARGE_SIZE², an SP 2 route from it on; the GPU fractions of
+    # configs/random-full-routed.yaml: main and ranks 0.8 each, text encoder / VAE 0.1 each
+    "sp2": {"ulysses_degree": 1, "ring_degree": 1},
 }
-SP_CONFIGS = [("configs/random-full-sp2.yaml", 2), ("configs/random-full-sp4.yaml", 4), ("configs/z-image-turbo-sp2.yaml", 2)]
+# the deployment holding the variant's SP group, and the size it serves
+SP_DEPLOYMENT = {"sp4": "Denoiser", "sp2": f"Denoiser-{ROUTE}"}
+SP_SIZE = {"sp4": SIZE, "sp2": LARGE_SIZE}
+ROUTED_CONFIG = "configs/random-full-routed.yaml"
+SP_CONFIGS = [("configs/random-full-sp2.yaml", 2), ("configs/random-full-sp4.yaml", 4), ("configs/z-image-turbo-sp2.yaml", 2),
+              (ROUTED_CONFIG, 4)]
 
 
 def _config_args(rel: str) -> dict:
@@ -92,14 +105,18 @@ def sp_args(tiny_dir, variant: str) -> dict:
         # which batches only captions of one padded length
         args["denoiser"]["sp_same_caption_length_batches"] = False
     if variant == "sp2":
-        cfg = _config_args("configs/random-full-sp2.yaml")
+        cfg = _config_args(ROUTED_CONFIG)
         for stage in ("text_encoder_deployment", "denoiser_deployment", "vae_deployment"):
             args[stage]["ray_actor_options"]["num_gpus"] = cfg[stage]["ray_actor_options"]["num_gpus"]
+        # the main denoiser's block, with the routed config's rank fractions; warmed at the size it serves
+        route = {**args["denoiser_deployment"], "ray_actor_options": {"num_cpus": 0.1, "num_gpus": _rank_gpus("sp2")}}
+        args["denoiser_routes"] = [{"name": ROUTE, "min_pixels": LARGE_SIZE * LARGE_SIZE, "ulysses_degree": 2, "ring_degree": 1,
+                                    "warmup_sizes": [[LARGE_SIZE, LARGE_SIZE]], "deployment": route}]
     return args
 
 
 def _rank_gpus(variant: str) -> float:
-    return _config_args("configs/random-full-sp2.yaml")["denoiser_deployment"]["ray_actor_options"]["num_gpus"] if variant == "sp2" else 1.0
+    return _config_args(ROUTED_CONFIG)["denoiser_routes"][0]["deployment"]["ray_actor_options"]["num_gpus"] if variant == "sp2" else 1.0
 
 
 # --- cluster, apps, reference ------------------------------------------------------------------------
@@ -161,7 +178,7 @@ def apps(cluster, tiny_dir):
 
 @pytest.fixture(scope="module")
 def reference(tiny_dir):
-    """SP 1 pixels per (prompt, seed), each generated alone."""
+    """SP 1 pixels per (prompt, seed, side), each generated alone."""
     import torch
 
     from serve_app.config import AppConfig
@@ -171,7 +188,8 @@ def reference(tiny_dir):
     torch.set_num_threads(1)  # as in the replicas (Ray gives a fractional-CPU actor one thread)
     try:
         pipe = StagedPipeline(AppConfig.model_validate({"model": sp_args(tiny_dir, "sp2")["model"]}))
-        return {(p, s): pipe.generate([p], [s], height=SIZE, width=SIZE, steps=STEPS)[0].pixels.numpy() for p, s in CASES}
+        return {(p, s, side): pipe.generate([p], [s], height=side, width=side, steps=STEPS)[0].pixels.numpy()
+                for p, s in CASES for side in (SIZE, LARGE_SIZE)}
     finally:
         torch.set_num_threads(threads)
 
@@ -194,8 +212,8 @@ def _post(body, timeout=120.0):
     return httpx.post(BASE + "/v1/images/generations", json=body, timeout=timeout)
 
 
-def _body(prompt, seed, **kw):
-    return {"prompt": prompt, "seed": seed, "size": f"{SIZE}x{SIZE}", "num_inference_steps": STEPS, **kw}
+def _body(prompt, seed, side=SIZE, **kw):
+    return {"prompt": prompt, "seed": seed, "size": f"{side}x{side}", "num_inference_steps": STEPS, **kw}
 
 
 def _pixels(r: httpx.Response) -> np.ndarray:
@@ -203,8 +221,8 @@ def _pixels(r: httpx.Response) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))).convert("RGB"))
 
 
-def _assert_close(got: np.ndarray, ref: np.ndarray, what: str) -> tuple[int, int]:
-    assert got.shape == ref.shape == (SIZE, SIZE, 3), what
+def _assert_close(got: np.ndarray, ref: np.ndarray, what: str, side: int = SIZE) -> tuple[int, int]:
+    assert got.shape == ref.shape == (side, side, 3), what
     diff = np.abs(got.astype(np.int16) - ref.astype(np.int16))
     worst, n_off = int(diff.max()), int((diff > 0).sum())
     assert worst <= MAX_LEVEL_DIFF and n_off <= MAX_DIFF_FRACTION * diff.size, (
@@ -219,13 +237,13 @@ def _stats() -> dict:
 # --- Ray's view: the replica's placement group and its rank workers ------------------------------------
 
 
-def _denoiser_group(app: str) -> dict:
-    """The CREATED placement group of the app's Denoiser replica (Serve names it after the replica
-    actor, SERVE_REPLICA::<app>#Denoiser#<id>)."""
+def _denoiser_group(app: str, deployment: str) -> dict:
+    """The CREATED placement group of the app's `deployment` replica (Serve names it after the replica
+    actor, SERVE_REPLICA::<app>#<deployment>#<id>)."""
     from ray.util.placement_group import placement_group_table
 
     groups = [t for t in placement_group_table().values()
-              if t["name"].startswith(f"SERVE_REPLICA::{app}#Denoiser#") and t["state"] == "CREATED"]
+              if t["name"].startswith(f"SERVE_REPLICA::{app}#{deployment}#") and t["state"] == "CREATED"]
     assert len(groups) == 1, groups
     return groups[0]
 
@@ -236,8 +254,8 @@ def _rank_workers() -> list:
     return list_actors(STATE_API, filters=[("class_name", "=", "SPRankWorker"), ("state", "=", "ALIVE")], detail=True)
 
 
-def _assert_group(app: str, n: int, rank_gpus: float) -> dict:
-    group = _denoiser_group(app)
+def _assert_group(app: str, n: int, rank_gpus: float, deployment: str = "Denoiser") -> dict:
+    group = _denoiser_group(app, deployment)
     assert group["strategy"] == "STRICT_PACK"
     bundles = [group["bundles"][i] for i in sorted(group["bundles"])]
     assert bundles == [{"CPU": 1.0}] + [{"CPU": 1.0, "GPU": rank_gpus}] * n, bundles
@@ -251,10 +269,11 @@ def _assert_group(app: str, n: int, rank_gpus: float) -> dict:
 
 
 def test_sp_config_gpu_fractions_reserve_on_their_host_in_any_order(cluster, apps):
-    """Each SP config's Denoiser group and the text encoder's / VAE's GPU fractions, reserved on a host
-    of the config's GPU count (the cluster's 4 pretend GPUs, minus whole GPUs held aside), text encoder
-    and VAE first or last. A placement-group bundle takes its GPU fraction from one GPU, as an actor
-    does. Whole-GPU ranks would not leave the text encoder a GPU on a 2-GPU host."""
+    """Each SP config's Denoiser groups (every replica of every denoiser deployment: a routed config's
+    single-GPU main replicas too) and the text encoder's / VAE's GPU fractions, reserved on a host of the
+    config's GPU count (the cluster's 4 pretend GPUs, minus whole GPUs held aside), text encoder and VAE
+    first or last. A placement-group bundle takes its GPU fraction from one GPU, as an actor does.
+    Whole-GPU ranks would not leave the text encoder a GPU on a 2-GPU host."""
     from ray.util.placement_group import placement_group, remove_placement_group
 
     from serve_app.app import denoiser_options, deployment_options
@@ -274,9 +293,20 @@ def test_sp_config_gpu_fractions_reserve_on_their_host_in_any_order(cluster, app
     def wait_all_gpus_free():
         wait_gpus_available(4)
 
+    def denoiser_reservations(cfg: AppConfig) -> list[tuple[list[dict], str]]:
+        """(bundles, strategy) per replica of each denoiser deployment: an SP group, or one actor."""
+        out = []
+        for route in [None] + [r.name for r in cfg.denoiser_routes]:
+            opts = denoiser_options(cfg.for_route(route))
+            one = ([tiny_cpu(b) for b in opts["placement_group_bundles"]], "STRICT_PACK") if "placement_group_bundles" in opts else (
+                [{"CPU": 0.01, "GPU": opts["ray_actor_options"]["num_gpus"]}], "PACK")
+            out += [one] * opts["num_replicas"]
+        return out
+
     for rel, host_gpus in SP_CONFIGS:
         cfg = AppConfig.model_validate(_config_args(rel))
-        dn = [tiny_cpu(b) for b in denoiser_options(cfg)["placement_group_bundles"]]
+        dns = denoiser_reservations(cfg)
+        assert any(strategy == "STRICT_PACK" for _, strategy in dns), rel
         others = [{"CPU": 0.01, "GPU": deployment_options(o, "x")["ray_actor_options"]["num_gpus"]}
                   for o in (cfg.text_encoder_deployment, cfg.vae_deployment)]
         assert all(0 < o["GPU"] < 1 for o in others), (rel, others)
@@ -286,8 +316,9 @@ def test_sp_config_gpu_fractions_reserve_on_their_host_in_any_order(cluster, app
             assert all(h.wait(30) for h in held)
             pgs = [placement_group([b]) for b in others] if others_first else []
             assert all(p.wait(30) for p in pgs)
-            pgs.append(placement_group(dn, strategy="STRICT_PACK"))
-            assert pgs[-1].wait(30), f"{rel}: the SP group does not fit on {host_gpus} GPUs after the text encoder and VAE"
+            for bundles, strategy in dns:
+                pgs.append(placement_group(bundles, strategy=strategy))
+                assert pgs[-1].wait(30), f"{rel}: the denoisers' {dns} do not fit on {host_gpus} GPUs after the text encoder and VAE"
             if not others_first:
                 pgs += [placement_group([b]) for b in others]
                 assert all(p.wait(30) for p in pgs[-2:]), f"{rel}: no GPU left for the text encoder / VAE"
@@ -308,16 +339,24 @@ def test_sp_config_gpu_fractions_reserve_on_their_host_in_any_order(cluster, app
         remove_placement_group(p)
 
 
+def _sp_stats(variant: str) -> dict:
+    """The /v1/stats of the deployment holding the variant's SP group."""
+    stats = _stats()
+    return stats["denoiser"] if SP_DEPLOYMENT[variant] == "Denoiser" else stats["denoiser_routes"][ROUTE]
+
+
 def _check_images(variant: str, reference: dict) -> None:
-    """Alone, then all CASES at once (a batch of different prompt lengths): each the SP 1 image."""
+    """Alone, then all CASES at once (a batch of different prompt lengths), at the size the SP group
+    serves: each the SP 1 image."""
     prompt, seed = CASES[0]
-    measured = [_assert_close(_pixels(_post(_body(prompt, seed))), reference[(prompt, seed)], f"{variant} alone")]
-    before = _stats()["denoiser"]
+    side = SP_SIZE[variant]
+    measured = [_assert_close(_pixels(_post(_body(prompt, seed, side))), reference[(prompt, seed, side)], f"{variant} alone", side)]
+    before = _sp_stats(variant)
     with concurrent.futures.ThreadPoolExecutor(len(CASES)) as pool:
-        responses = list(pool.map(lambda c: _post(_body(*c)), CASES))
+        responses = list(pool.map(lambda c: _post(_body(*c, side)), CASES))
     for (prompt, seed), r in zip(CASES, responses):
-        measured.append(_assert_close(_pixels(r), reference[(prompt, seed)], f"{variant} batched {prompt[:20]!r}"))
-    after = _stats()["denoiser"]
+        measured.append(_assert_close(_pixels(r), reference[(prompt, seed, side)], f"{variant} batched {prompt[:20]!r}", side))
+    after = _sp_stats(variant)
     assert after["forwards"] - before["forwards"] < len(CASES) * STEPS, (before, after)  # they shared forwards
     print(f"{variant}: (max |diff|, values off) per image vs SP 1: {measured}")
 
@@ -325,8 +364,64 @@ def _check_images(variant: str, reference: dict) -> None:
 @pytest.mark.parametrize("variant, n", [("sp4", 4), ("sp2", 2)])
 def test_sp_replica_holds_one_strict_pack_group_and_serves_the_sp1_image(apps, reference, variant, n):
     app = apps.use(variant)
-    _assert_group(app, n, _rank_gpus(variant))  # 1 + n bundles, STRICT_PACK, n live ranks in it
+    _assert_group(app, n, _rank_gpus(variant), SP_DEPLOYMENT[variant])  # 1 + n bundles, STRICT_PACK, n live ranks in it
     _check_images(variant, reference)
+
+
+def _requests_per_deployment() -> dict[str, int]:
+    """DiT requests each denoiser deployment of the routed app has served, from /v1/stats."""
+    stats = _stats()
+    return {"Denoiser": stats["denoiser"]["requests"], **{f"Denoiser-{n}": s["requests"] for n, s in stats["denoiser_routes"].items()}}
+
+
+def _completed_events(r: httpx.Response) -> list[dict]:
+    """The `*.completed` events of a Server-Sent Events answer."""
+    assert r.status_code == 200, r.text
+    events = [json.loads(line[5:]) for line in r.text.splitlines() if line.startswith("data:")]
+    assert not [e for e in events if e["type"] == "error"], events
+    return [e for e in events if e["type"].endswith(".completed")]
+
+
+def test_routed_app_sends_each_size_to_its_own_denoiser(apps, reference):
+    """One app, two denoiser deployments: 64x64 to the single-rank main Denoiser, 96x96 to the SP 2 route
+    Denoiser-large, for a plain, a streamed and an edit request. Each request counts on the deployment
+    of its size only, its timings name that deployment, and both sizes are the SP 1 image."""
+    apps.use("sp2")
+    stats = _stats()
+    # /health waited for every deployment, the route's included; each runs its own layout
+    assert set(stats["ingress"]["readiness"]["stages"]) == {"TextEncoder", "Denoiser", SP_DEPLOYMENT["sp2"], "VaeDecoder"}
+    assert stats["denoiser"]["engine"]["sp"] is None
+    assert stats["denoiser_routes"][ROUTE]["engine"]["sp"]["ulysses_degree"] == 2
+
+    def served_by(expected: str, send) -> httpx.Response:
+        before = _requests_per_deployment()
+        r = send()
+        after = _requests_per_deployment()
+        assert {k: after[k] - before[k] for k in after} == {k: int(k == expected) for k in after}, (before, after)
+        return r
+
+    prompt, seed = CASES[1]
+    for side, deployment in ((SIZE, "Denoiser"), (LARGE_SIZE, SP_DEPLOYMENT["sp2"])):
+        r = served_by(deployment, lambda: _post(_body(prompt, seed, side)))
+        assert r.json()["data"][0]["timings"]["denoiser_deployment"] == deployment
+        _assert_close(_pixels(r), reference[(prompt, seed, side)], f"routed {side}x{side}", side)
+
+    # streamed (an SP replica reports its queue position and the final image): the same route, the same image
+    r = served_by(SP_DEPLOYMENT["sp2"], lambda: _post(_body(prompt, seed, LARGE_SIZE, stream=True)))
+    [done] = _completed_events(r)
+    assert done["timings"]["denoiser_deployment"] == SP_DEPLOYMENT["sp2"]
+    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(done["b64_json"]))).convert("RGB"))
+    _assert_close(got, reference[(prompt, seed, LARGE_SIZE)], "routed streamed", LARGE_SIZE)
+
+    # an edit goes by its output size too
+    photo = io.BytesIO()
+    Image.new("RGB", (LARGE_SIZE, LARGE_SIZE), (120, 80, 40)).save(photo, format="PNG")
+    for side, deployment in ((LARGE_SIZE, SP_DEPLOYMENT["sp2"]), (SIZE, "Denoiser")):
+        data = {"prompt": prompt, "seed": str(seed), "size": f"{side}x{side}", "num_inference_steps": str(STEPS), "strength": "0.5"}
+        r = served_by(deployment, lambda: httpx.post(BASE + "/v1/images/edits", data=data, files={"image": ("p.png", photo.getvalue(), "image/png")},
+                                                      timeout=120))
+        assert r.status_code == 200, r.text
+        assert r.json()["data"][0]["timings"]["denoiser_deployment"] == deployment
 
 
 def test_sp2_killed_rank_fails_the_request_in_flight_and_serve_replaces_the_group(apps, reference):
@@ -334,7 +429,7 @@ def test_sp2_killed_rank_fails_the_request_in_flight_and_serve_replaces_the_grou
     from ray.util.state import list_tasks
 
     app = apps.use("sp2")
-    old_group = _assert_group(app, 2, _rank_gpus("sp2"))
+    old_group = _assert_group(app, 2, _rank_gpus("sp2"), SP_DEPLOYMENT["sp2"])
     old = {a.actor_id: a.pid for a in _rank_workers()}
 
     # A long denoise (512x512, 600 steps: tens of seconds here); kill a rank once both ranks run it.
@@ -371,13 +466,13 @@ def test_sp2_killed_rank_fails_the_request_in_flight_and_serve_replaces_the_grou
     while True:
         ranks = _rank_workers()
         st = serve.status().applications.get(app)
-        dn = st.deployments.get("Denoiser") if st else None
+        dn = st.deployments.get(SP_DEPLOYMENT["sp2"]) if st else None
         if (len(ranks) == 2 and not {a.actor_id for a in ranks} & set(old) and dn is not None
                 and dn.status == "HEALTHY" and st.status == "RUNNING"):
             break
         assert time.time() < deadline, (ranks, st)
         time.sleep(0.5)
-    new_group = _assert_group(app, 2, _rank_gpus("sp2"))
+    new_group = _assert_group(app, 2, _rank_gpus("sp2"), SP_DEPLOYMENT["sp2"])
     assert new_group["placement_group_id"] != old_group["placement_group_id"]
     assert not {a.pid for a in ranks} & set(old.values())
     for pid in old.values():  # the surviving rank went with its replica
@@ -389,7 +484,8 @@ def test_sp2_killed_rank_fails_the_request_in_flight_and_serve_replaces_the_grou
     _wait_healthy(timeout=60)
     assert _stats()["ingress"]["worker_died_503"] >= 1
     prompt, seed = CASES[2]
-    worst, n_off = _assert_close(_pixels(_post(_body(prompt, seed))), reference[(prompt, seed)], "sp2 after replacement")
+    worst, n_off = _assert_close(_pixels(_post(_body(prompt, seed, LARGE_SIZE))), reference[(prompt, seed, LARGE_SIZE)],
+                                 "sp2 after replacement", LARGE_SIZE)
     print(f"sp2: request failed {failed_after:.2f} s after the kill with {r.status_code}: {err['message'][:120]}; "
           f"after replacement (max |diff|, values off) = {(worst, n_off)}")
 

@@ -67,12 +67,14 @@ class _HeldAdapter:
 
 @serve.deployment
 class DenoiserDeployment:
-    def __init__(self, app_config: dict):
-        cfg = AppConfig.model_validate(app_config)
+    def __init__(self, app_config: dict, route: str | None = None):
+        """`route`: the size route (`denoiser_routes[].name`) this deployment serves; None: the main one."""
+        full = AppConfig.model_validate(app_config)
+        cfg = full.for_route(route)  # this deployment's SP degrees, warm-up sizes and options
         opts = cfg.denoiser_deployment
         # one thread runs every forward, warm-up included; the next batch is formed when it is free
         self._gpu_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="denoiser")
-        sizes, batch = cfg.start_sizes(), min(2, opts.max_batch_size)
+        sizes, batch = full.dit_start_sizes(route), min(2, opts.max_batch_size)
         # build: load (or random init) + the DiT builder's steps; warmup: the first forwards (compilation)
         self.engine, self.stats_ = StageStats.start(
             lambda: make_denoiser(cfg), lambda engine: self._gpu_thread.submit(engine.warmup, sizes, batch=batch).result(),

@@ -15,6 +15,10 @@ Edits (POST /v1/images/edits, multipart): the uploads are checked from their hea
 before anything is decoded, serve_app/uploads.py), decoded and resized in a worker thread, VAE-encoded
 (one call per request, one posterior sample per seed) while the prompt is encoded, then denoised from
 the image's latents with the request's strength (and mask) and decoded as a generation is.
+
+Size routing (`denoiser_routes`, serve_app/routing.py): each request's DiT calls go to the denoiser
+deployment its pixel count picks (the main `Denoiser` or a route's `Denoiser-<name>`), plain, streamed and
+edit alike; LoRA multiplexing applies on that deployment's handle.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ from serve_app.engines.model_sources import lora_folder
 from serve_app.openapi_limits import configure as configure_openapi
 from serve_app.openapi_limits import install_openapi
 from serve_app.prompt_limits import PromptLimits
+from serve_app.routing import MAIN_DEPLOYMENT
 from serve_app.stage_messages import DenoisedLatents, DenoiseRequest, ImageToEncode
 from serve_app.uploads import load_edit_inputs, output_size
 
@@ -111,11 +116,14 @@ def _cancel_all(responses: list) -> None:
 @serve.deployment
 @serve.ingress(api)
 class ImageIngress:
-    def __init__(self, text_encoder: DeploymentHandle, denoiser: DeploymentHandle, vae: DeploymentHandle, app_config: dict):
+    def __init__(self, text_encoder: DeploymentHandle, denoiser: DeploymentHandle, vae: DeploymentHandle, app_config: dict,
+                 denoiser_routes: dict[str, DeploymentHandle] | None = None):
+        """`denoiser`: the main denoiser; `denoiser_routes`: each size route's (`AppConfig.denoiser_routes`), by name."""
         self.cfg = AppConfig.model_validate(app_config)
         self.server = self.cfg.server
         self.text_encoder = text_encoder
         self.denoiser = denoiser
+        self.denoiser_routes = denoiser_routes or {}
         self.vae = vae
         self.inflight_images = 0
         self.counters = {"requests": 0, "images": 0, "rejected_429": 0, "rejected_503": 0, "timeouts_504": 0, "worker_died_503": 0, "errors_500": 0}
@@ -128,7 +136,8 @@ class ImageIngress:
         ApiKeys.configure(load_keys(self.server))
         self.metrics = IngressMetrics()
         AccessLog.configure(self.metrics, self.server.access_log)
-        self.readiness = Readiness(self.server.health_refresh_s, self._warmup if self.server.warmup else None)
+        stages = ("TextEncoder", *self.cfg.denoiser_deployment_names(), "VaeDecoder")
+        self.readiness = Readiness(self.server.health_refresh_s, self._warmup if self.server.warmup else None, stages)
         try:
             self.readiness.start()
         except RuntimeError:  # no running loop in the constructor: started by the first request
@@ -298,9 +307,18 @@ class ImageIngress:
 
     @api.get("/v1/stats")
     async def stats(self) -> dict:
-        te, dn, vae = await asyncio.gather(self.text_encoder.stats.remote(), self.denoiser.stats.remote(), self.vae.stats.remote())
+        names = list(self.denoiser_routes)
+        te, dn, vae, *routes = await asyncio.gather(self.text_encoder.stats.remote(), self.denoiser.stats.remote(), self.vae.stats.remote(),
+                                                    *[self.denoiser_routes[n].stats.remote() for n in names])
         return {"ingress": {**self.counters, "inflight_images": self.inflight_images, "readiness": self.readiness.body()},
-                "text_encoder": te, "denoiser": dn, "vae": vae}
+                "text_encoder": te, "denoiser": dn, "vae": vae, **({"denoiser_routes": dict(zip(names, routes))} if names else {})}
+
+    def _denoiser_for(self, req: ValidatedRequest) -> tuple[str, DeploymentHandle]:
+        """The denoiser deployment (its name, its handle) that serves a request of this size."""
+        route = self.cfg.route_for(req.height, req.width)
+        if route is None:
+            return MAIN_DEPLOYMENT, self.denoiser
+        return route.deployment_name, self.denoiser_routes[route.name]
 
     # ---- the pipeline ----------------------------------------------------------------------
     async def _edit_size(self, body: ImageEditRequest, upload: EditUpload) -> ImageEditRequest:
@@ -405,6 +423,8 @@ class ImageIngress:
                 "queue_s": max(0.0, (t_stages - t0) - compute),
                 "total_s": t_end - t0,
                 "denoiser_batch": t.get("denoiser_batch", 1),
+                # which denoiser deployment ran it: Denoiser, or a size route's Denoiser-<name>
+                "denoiser_deployment": t.get("denoiser_deployment", MAIN_DEPLOYMENT),
                 # reading this request's LoRA adapters on the DiT replica (0: it held them already)
                 "lora_load_s": t.get("lora_load_s", 0.0),
             }
@@ -444,6 +464,7 @@ class ImageIngress:
         *encoded, (image_latents, mask) = await asyncio.gather(*encodes, encode_image_latents())
         prompt, negative = encoded[0], (encoded[1] if len(encoded) > 1 else None)
         text_encoder_s = sum(e.timings.get("text_encoder_s", 0.0) for e in encoded)
+        denoiser_name, denoiser_handle = self._denoiser_for(req)  # by the request's pixel count
 
         async def one_image(i: int, seed: int):
             request = DenoiseRequest(
@@ -454,7 +475,7 @@ class ImageIngress:
             if image_latents is not None:
                 request.image_latents, request.strength, request.mask = image_latents.latents[i], req.strength, mask
             # Serve's model multiplexing: to a replica that holds the (first) adapter, if one does
-            denoiser = self.denoiser.options(multiplexed_model_id=req.lora[0][0]) if req.lora else self.denoiser
+            denoiser = denoiser_handle.options(multiplexed_model_id=req.lora[0][0]) if req.lora else denoiser_handle
             if emit is None:
                 latents = await call("denoiser", denoiser.denoise, request)
             else:
@@ -463,6 +484,7 @@ class ImageIngress:
                 emit(streaming.progress(i, "decoding", request.run_steps, request.run_steps))
             decoded = await call("VAE decoder", self.vae.decode, latents)
             decoded.timings["text_encoder_s"] = text_encoder_s
+            decoded.timings["denoiser_deployment"] = denoiser_name
             return decoded
 
         return await asyncio.gather(*[one_image(i, s) for i, s in enumerate(seeds)]), seeds
