@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from serve_app.routing import MAIN_DEPLOYMENT, choose_route, route_deployment_name
+from serve_app.routing import choose_route, route_deployment_name
 
 HUB_MODEL_ID = "Tongyi-MAI/Z-Image-Turbo"
 
@@ -357,10 +357,6 @@ class AppConfig(_Strict):
     def route_for(self, height: int, width: int) -> DenoiserRoute | None:
         """The route a request of this size goes to; None: the main denoiser."""
         return choose_route(height * width, self.denoiser_routes)
-
-    def denoiser_deployment_names(self) -> list[str]:
-        """Every denoiser deployment of the app, the main one first."""
-        return [MAIN_DEPLOYMENT] + [r.deployment_name for r in self.denoiser_routes]
 
     def _route(self, name: str) -> DenoiserRoute:
         found = [r for r in self.denoiser_routes if r.name == name]

@@ -26,9 +26,9 @@ def _schemathesis_env() -> dict | None:
 
 @pytest.fixture(scope="module")
 def base(tiny_server, tiny_dir):
-    """A small app of its own (n <= 2, <= 128 px, <= 4 steps), so that no generated request is slow."""
+    """A front door of its own (n <= 2, <= 128 px, <= 4 steps), so that no generated request is slow."""
     args = tiny_args(tiny_dir, server={"max_n": 2, "max_size": 128, "default_size": "64x64"}, denoiser={"max_steps": 4, "default_steps": 2})
-    with tiny_server.app("fuzz", args) as url:
+    with tiny_server.front_door("fuzz", args) as url:
         yield url
 
 

@@ -141,7 +141,7 @@ def keyed(tiny_server, tiny_dir, tmp_path_factory):
     keys.write_text("# one key a line\nsk-from-file\n")
     args = tiny_args(tiny_dir, server={"api_keys_file": str(keys), "require_api_keys": True})
     args["ingress_deployment"]["ray_actor_options"]["runtime_env"] = {"env_vars": {"SERVE_APP_API_KEYS": "sk-env-1, sk-env-2"}}
-    with tiny_server.app("keyed", args) as base:  # its readiness probe answered without a key
+    with tiny_server.front_door("keyed", args) as base:  # its readiness probe answered without a key
         yield base
 
 

@@ -38,7 +38,7 @@ def test_requests_route_by_pixels_not_by_side():
     assert cfg.route_for(1024, 1024) is None
     assert cfg.route_for(2048, 1152).name == "large"  # 2.36 MP, no side at 1536
     assert cfg.route_for(2048, 1024) is None  # 2.1 MP
-    assert cfg.denoiser_deployment_names() == ["Denoiser", "Denoiser-large"]
+    assert [r.deployment_name for r in cfg.denoiser_routes] == ["Denoiser-large"]
 
 
 def test_a_route_runs_on_its_own_degrees_warmup_and_options_and_shares_the_rest():
@@ -140,6 +140,6 @@ def test_each_route_gets_its_own_deployment_options_and_sp_group():
 
 def test_no_routes_is_the_app_as_before():
     cfg = AppConfig.model_validate({"denoiser": {"warmup_sizes": [[1024, 1024]]}})
-    assert cfg.denoiser_routes == [] and cfg.denoiser_deployment_names() == ["Denoiser"]
+    assert cfg.denoiser_routes == []
     assert cfg.dit_start_sizes() == cfg.start_sizes() == [(1024, 1024), (64, 64)]
     assert cfg.for_route(None) == cfg

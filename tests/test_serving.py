@@ -192,9 +192,11 @@ def test_stats_report_each_stage_platform_and_the_engine_choice(serve_app):
 
 
 def test_request_timeout_gives_504_and_frees_the_server(tiny_server, tiny_dir):
-    from ray import serve
+    with tiny_server.front_door("timeouts", tiny_args(tiny_dir, server={"request_timeout_s": 0.5})) as base:
+        _timeout_then_free(base)
 
-    base = tiny_server.deploy("timeouts", "/timeouts", tiny_args(tiny_dir, server={"request_timeout_s": 0.5}))
+
+def _timeout_then_free(base: str) -> None:
     r = _post({"prompt": "slow", "size": "512x512", "num_inference_steps": 40}, base=base)
     assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
     # A batch already running on the DiT finishes its steps (only queued work is dropped), so the
@@ -207,7 +209,6 @@ def test_request_timeout_gives_504_and_frees_the_server(tiny_server, tiny_dir):
         assert r.status_code == 504
         time.sleep(1)
     assert r.status_code == 200
-    serve.delete("timeouts")
 
 
 def test_denoiser_autoscales_up_then_an_upgrade_downscales_without_losing_requests(tiny_server, tiny_dir):

@@ -110,6 +110,29 @@ class TinyServe:
         finally:
             serve.delete(name)
 
+    @contextlib.contextmanager
+    def front_door(self, name: str, args: dict):
+        """An ingress of its own at /<name> over the root app's stages (handles to its deployments), for a
+        file that tests ingress settings (`server`, `ingress_deployment`): one replica to start instead of
+        four. `args`' stage sections must be the root app's (the ingress validates requests with them)."""
+        from ray import serve
+
+        from serve_app.app import deployment_options
+        from serve_app.config import AppConfig
+        from serve_app.deployments.ingress import ImageIngress
+
+        self.start()
+        cfg = AppConfig.model_validate(args)
+        te, dn, vae = (serve.get_deployment_handle(n, app_name="z-image") for n in ("TextEncoder", "Denoiser", "VaeDecoder"))
+        serve.run(ImageIngress.options(**deployment_options(cfg.ingress_deployment, "Ingress")).bind(te, dn, vae, cfg.model_dump(mode="json")),
+                  name=name, route_prefix=f"/{name}", blocking=False)
+        base = f"{BASE}/{name}"
+        try:
+            wait_until(lambda: httpx.get(base + "/health/ready", timeout=30).status_code == 200, 300, f"{name} ready")
+            yield base
+        finally:
+            serve.delete(name)
+
     def stop(self) -> None:
         if not self.running:
             return

@@ -136,7 +136,7 @@ class ImageIngress:
         ApiKeys.configure(load_keys(self.server))
         self.metrics = IngressMetrics()
         AccessLog.configure(self.metrics, self.server.access_log)
-        stages = ("TextEncoder", *self.cfg.denoiser_deployment_names(), "VaeDecoder")
+        stages = [(h.app_name, h.deployment_name) for h in (text_encoder, denoiser, *self.denoiser_routes.values(), vae)]
         self.readiness = Readiness(self.server.health_refresh_s, self._warmup if self.server.warmup else None, stages)
         try:
             self.readiness.start()
@@ -285,6 +285,7 @@ class ImageIngress:
     async def health_ready(self):
         """Readiness from the replicas' published state (serve_app/health.py); never queues on a stage."""
         self.readiness.start()
+        await self.readiness.refresh()
         ok, reason = self.readiness.ready()
         if self.draining:
             ok, reason = False, "shutting down"
