@@ -53,6 +53,12 @@ class FusedFeedForward(torch.nn.Module):
 def fuse_attention_projections(attn) -> None:
     """Replace `attn.to_q/to_k/to_v` (a diffusers `Attention`) by one `attn.to_qkv` and set
     `attn.fused_projections`, diffusers' own name for it, which `rotated_qkv` reads."""
+    from serve_app.engines.attention_processor import ZImageAttnProcessor
+    from serve_app.sp.attention import ZImageUSPAttnProcessor
+
+    # diffusers' own processor calls to_q/to_k/to_v: only ours (through `rotated_qkv`) read to_qkv
+    if not isinstance(attn.processor, (ZImageAttnProcessor, ZImageUSPAttnProcessor)):
+        raise TypeError(f"fused projections need our attention processors installed first, not {type(attn.processor).__name__}")
     attn.to_qkv = concatenated_linear(attn.to_q, attn.to_k, attn.to_v)
     del attn.to_q, attn.to_k, attn.to_v  # frees the separate weights: nothing else holds them
     attn.fused_projections = True
@@ -60,7 +66,8 @@ def fuse_attention_projections(attn) -> None:
 
 def fuse_projections(transformer) -> int:
     """Fuse the projections of every Z-Image block of `transformer` in place (weights on their device and
-    dtype, before any FP8 quantization); returns how many blocks were fused."""
+    dtype; after our attention processors are installed, before any FP8 quantization); returns how many
+    blocks were fused."""
     from diffusers.models.transformers.transformer_z_image import FeedForward, ZImageTransformerBlock
 
     blocks = [m for m in transformer.modules() if isinstance(m, ZImageTransformerBlock)]
