@@ -117,3 +117,24 @@ def test_lora_with_fused_projections_is_refused_naming_both(tiny_dir):
     with pytest.raises(ValueError, match="fuse_projections"):
         build_dit(ModelConfig(source="tiny", tiny_dir=str(tiny_dir)), DenoiserConfig(fuse_projections=True),
                   torch.device("cpu"), torch.float32, lora_max_rank=4)
+
+
+def test_fa3_takes_the_fused_projections_views(tiny_dir, monkeypatch):
+    """q, k, v split from one `to_qkv` output are strided views; on a (simulated) Hopper they go to FA3,
+    key-padded batches through its varlen call, and the latents are the unfused SDPA engine's."""
+    from reference_fa3 import install_reference_fa3, remove_reference_fa3, simulate_hopper
+
+    model_cfg = ModelConfig(source="tiny", tiny_dir=str(tiny_dir))
+    plain = DenoiserEngine(model_cfg, DenoiserConfig(), device=torch.device("cpu"))
+    calls: list = []
+    install_reference_fa3(calls)
+    try:
+        simulate_hopper(monkeypatch.setattr)
+        fused = DenoiserEngine(model_cfg, DenoiserConfig(fuse_projections=True), device=torch.device("cpu"))
+        assert set(fused.build.attention.values()) == {"fa3"} and fused.build.fused_projections is True
+        reqs = lambda: [DenoiseRequest(embeds=torch.randn(n, plain.cap_feat_dim, generator=torch.Generator().manual_seed(n)),
+                                       height=64, width=64, steps=2, seed=i) for i, n in enumerate((20, 40))]
+        torch.testing.assert_close(torch.stack(fused.denoise(reqs())), torch.stack(plain.denoise(reqs())), rtol=0, atol=1e-5)
+        assert any(c[0] == "varlen" for c in calls)
+    finally:
+        remove_reference_fa3()
