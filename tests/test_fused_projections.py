@@ -138,3 +138,31 @@ def test_fa3_takes_the_fused_projections_views(tiny_dir, monkeypatch):
         assert any(c[0] == "varlen" for c in calls)
     finally:
         remove_reference_fa3()
+
+
+def test_a_fused_fp8_block_traces_as_one_graph(tiny_dir):
+    """What `compile_repeated_blocks(fullgraph=True)` asks on the GPU: Dynamo traces a fused FP8 block without
+    a graph break (a recording backend, no Inductor), and the traced block computes the eager one."""
+    from diffusers.models.transformers.transformer_z_image import ADALN_EMBED_DIM
+
+    model = _transformer(tiny_dir)
+    fuse_projections(model)
+    quantize_linears_fp8(model, torch.float8_e4m3fn, in_blocks)
+    block, cfg = model.layers[0], model.config
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 64, cfg.dim, generator=g)
+    angles = torch.rand(1, 64, cfg.dim // cfg.n_heads // 2, generator=g)
+    freqs = torch.polar(torch.ones_like(angles), angles)
+    adaln = torch.randn(1, min(cfg.dim, ADALN_EMBED_DIM), generator=g)
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = block(x, None, freqs, adaln)
+        traced = torch.compile(block, backend=record, fullgraph=True)(x, None, freqs, adaln)
+    assert len(graphs) == 1
+    torch.testing.assert_close(traced, eager)
