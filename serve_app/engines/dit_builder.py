@@ -10,7 +10,8 @@ scale per row, as the separate ones were), and compile must see the final module
 
     transformer, build = build_dit(model_cfg, cfg, device, dtype)                 # one GPU
     transformer, build = build_dit(model_cfg, cfg, device, dtype, sp=SPOptions(...))  # one SP rank
-    build.as_dict()  # what /v1/stats reports; installed_attention(transformer) is what is really there
+    build.as_dict()  # what /v1/stats reports; installed_attention(transformer) and installed_fusion(transformer)
+                     # (serve_app/engines/fused_projections.py) are what is really there
 """
 
 from __future__ import annotations
