@@ -8,7 +8,10 @@ One device run, random-full weights (real architecture, random values), bf16, 10
   4. one DiT forward for each variant in --variants: `eager`, `cudnn` / `flash` / `fa3` attention,
      `compile` (dynamic shapes), `compile_static` (a graph per shape), `fp8_compile`,
      `fp8_compile_static` (FP8 linears); `..._fa3`: FlashAttention-3; `..._cplxrope`: RoPE as diffusers'
-     complex multiply instead of `serve_app.engines.attention_processor`'s real arithmetic (the default); with `--batch-size` S also a batch of 1 and of 4 at S x S (per-image ratio);
+     complex multiply instead of `serve_app.engines.attention_processor`'s real arithmetic (the default);
+     `..._fused`: Q/K/V and w1/w3 as one linear each (`denoiser.fuse_projections`), also compared with the
+     same variant unfused when that one ran first; with `--batch-size` S also a batch of 1 and of 4 at
+     S x S (per-image ratio);
   5. the VAE decode for each of --vae-variants: `eager`, `compile` (static).
 Timing: CUDA-synchronised wall clock, warm-up first, median of --repeats. Writes JSON to --out after
 every part, so a run cut short keeps what it measured.
@@ -16,6 +19,10 @@ every part, so a run cut short keeps what it measured.
   python benchmarks/bench_stages.py --out $OUT/stages.json --skip-diffusers --te-graph \
       --variants compile,compile_static,fp8_compile_static --batch-size 512 --profile-variants compile \
       --vae-variants eager,compile
+
+  fused projections on and off (one call; FP8 + FA3 compiled, 1024² and 512² batch 1 / 4):
+  python benchmarks/bench_stages.py --out $OUT/stages-fused.json --skip-diffusers --skip-pipeline \
+      --variants fp8_compile_fa3,fp8_compile_fa3_fused --batch-size 512 --vae-variants ""
 """
 
 from __future__ import annotations
@@ -217,7 +224,12 @@ def main():
         with torch.no_grad():
             return engine.transformer(list(ref_in.unbind(0)), torch.full((1,), 0.5, device=args.device), [emb.to(dtype)], return_dict=False)[0][0].float()
 
+    def compare(o: torch.Tensor, ref: torch.Tensor) -> dict:
+        return {"rel_l2": ((o - ref).norm() / ref.norm()).item(), "max_abs_diff": (o - ref).abs().max().item(),
+                "cosine": torch.nn.functional.cosine_similarity(o.flatten(), ref.flatten(), dim=0).item()}
+
     ref_out = fixed_forward(dn)  # the eager bf16 DiT: what every variant is compared with
+    outputs: dict[str, torch.Tensor] = {}  # each variant's fixed forward, for `..._fused` against its unfused one
     for variant in [v for v in args.variants.split(",") if v]:
         log(f"DiT variant {variant}")
         toks = set(variant.split("_"))
@@ -226,24 +238,30 @@ def main():
             compile_dynamic="static" not in toks,
             fp8="fp8" in toks,
             real_rope="cplxrope" not in toks,
+            fuse_projections="fused" in toks,
             attention_backend={"cudnn": "_native_cudnn", "flash": "_native_flash", "fa3": "_flash_3"}.get(
                 next((b for b in ("cudnn", "flash", "fa3") if b in toks), ""), "native"
             ),
         )
         try:
             # every variant but eager gets a fresh transformer: fp8, compile and backends change it in place
+            before = torch.cuda.memory_allocated() if args.device == "cuda" else 0
             engine = dn if variant == "eager" else DenoiserEngine(model, dcfg)
+            # what this variant's DiT holds on the device (fused projections must not add to it)
+            built = (torch.cuda.memory_allocated() - before) / 2**30 if args.device == "cuda" and engine is not dn else None
             t0 = time.perf_counter()
             forward_fn(engine)()
             sync()
             first = time.perf_counter() - t0
-            r = {"first_call_s": first, "applied": engine.build.as_dict()}
+            r = {"first_call_s": first, "applied": engine.build.as_dict(), "built_memory_gb": built}
             r["forward"] = timed(forward_fn(engine), 10, warmup=2)
             r["forward_batch4"] = timed(forward_fn(engine, 4), 3, warmup=1)
             r["denoise_8_steps"] = timed(denoise_fn(engine), 3)
-            o = fixed_forward(engine)
-            r["vs_eager"] = {"rel_l2": ((o - ref_out).norm() / ref_out.norm()).item(),
-                             "cosine": torch.nn.functional.cosine_similarity(o.flatten(), ref_out.flatten(), dim=0).item()}
+            o = outputs[variant] = fixed_forward(engine)
+            r["vs_eager"] = compare(o, ref_out)
+            unfused = "_".join(t for t in variant.split("_") if t != "fused")
+            if "fused" in toks and unfused in outputs:
+                r[f"vs_{unfused}"] = compare(o, outputs[unfused])
             if args.batch_size:
                 bs = args.batch_size
                 b1 = timed(forward_fn(engine, 1, bs), 10, warmup=2)
@@ -265,7 +283,8 @@ def main():
             r["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
             results["dit"][variant] = r
             log(f"  {variant}: forward {r['forward']['median_s']*1000:.1f} ms, batch4 {r['forward_batch4']['median_s']*1000:.1f} ms, "
-                f"first {first:.1f} s, denoise {r['denoise_8_steps']['median_s']*1000:.0f} ms, vs eager {r['vs_eager']}, {r.get(f'forward_{args.batch_size}')}")
+                f"first {first:.1f} s, denoise {r['denoise_8_steps']['median_s']*1000:.0f} ms, vs eager {r['vs_eager']}, "
+                f"{r.get(f'vs_{unfused}', '')} {r.get(f'forward_{args.batch_size}')}")
             if engine is not dn:
                 del engine
                 gc.collect()

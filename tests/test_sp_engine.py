@@ -24,15 +24,18 @@ LAYOUTS = [(2, 1), (3, 1), (2, 2), (6, 1), (3, 2), (1, 2)]
 # the same with the noise refiners sharded too: diffusers' Ulysses, Ulysses with a pad (32 image tokens
 # over 3 ranks), and our Ulysses x ring processor
 REFINER_LAYOUTS = [(2, 1), (3, 1), (2, 2)]
+# with fused projections (`denoiser.fuse_projections`): through diffusers' Ulysses and through ours;
 # and on a simulated Hopper with (reference) FA3: the unsharded refiners keep FA3, the sharded blocks
 # take diffusers' Ulysses or ours; run last in each process (the simulation is not undone)
-VARIANTS = ([(u, r, False, False) for u, r in LAYOUTS] + [(u, r, True, False) for u, r in REFINER_LAYOUTS]
-            + [(2, 1, True, True), (2, 2, False, True)])
+# (ulysses, ring, shard_refiner, fa3, fuse)
+VARIANTS = ([(u, r, False, False, False) for u, r in LAYOUTS] + [(u, r, True, False, False) for u, r in REFINER_LAYOUTS]
+            + [(2, 1, True, False, True), (2, 2, False, False, True)]
+            + [(2, 1, True, True, False), (2, 2, False, True, False)])
 NPROCS = max(u * r for u, r in LAYOUTS)
 
 
-def _key(u: int, r: int, shard_refiner: bool, fa3: bool = False) -> str:
-    return f"u{u}r{r}" + ("-refiner" if shard_refiner else "") + ("-fa3" if fa3 else "")
+def _key(u: int, r: int, shard_refiner: bool, fa3: bool = False, fuse: bool = False) -> str:
+    return f"u{u}r{r}" + ("-refiner" if shard_refiner else "") + ("-fa3" if fa3 else "") + ("-fused" if fuse else "")
 
 
 def _requests(cap_dim: int) -> dict[str, list[DenoiseRequest]]:
@@ -73,10 +76,11 @@ def _worker(rank: int, tiny_dir: str, ports: list[int], out_dir: str) -> None:
     torch.set_num_threads(1)
     from reference_fa3 import install_reference_fa3, simulate_hopper
     from serve_app.engines.dit_builder import installed_attention
+    from serve_app.engines.fused_projections import installed_fusion
     from serve_app.sp.process_group import check_collectives, init_sp_process_group, sp_options, sp_rank_info
 
     model_cfg = ModelConfig(source="tiny", tiny_dir=tiny_dir)
-    for (u, r, shard_refiner, fa3), port in zip(VARIANTS, ports):
+    for (u, r, shard_refiner, fa3, fuse), port in zip(VARIANTS, ports):
         n = u * r
         if rank >= n:
             continue
@@ -86,7 +90,8 @@ def _worker(rank: int, tiny_dir: str, ports: list[int], out_dir: str) -> None:
             simulate_hopper()
         init_sp_process_group(rank, n, "127.0.0.1", port, timeout_s=120)
         # mixed caption lengths share forwards (key masks through the sharded attention)
-        cfg = DenoiserConfig(ulysses_degree=u, ring_degree=r, sp_shard_noise_refiner=shard_refiner, sp_same_caption_length_batches=False)
+        cfg = DenoiserConfig(ulysses_degree=u, ring_degree=r, sp_shard_noise_refiner=shard_refiner, sp_same_caption_length_batches=False,
+                             fuse_projections=fuse)
         sp = DenoiserEngine(model_cfg, cfg, device=torch.device("cpu"), sp=sp_options(cfg))
         seen: list[int] = []  # sequence length the last main block really sees (its shard)
         sp.transformer.layers[-1].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
@@ -95,10 +100,11 @@ def _worker(rank: int, tiny_dir: str, ports: list[int], out_dir: str) -> None:
         check_collectives(sp.device, 30)
         results = {name: [t.cpu() for t in sp.denoise(reqs)] for name, reqs in _requests(sp.cap_feat_dim).items()}
         info = {**sp_rank_info(sp), "shard_lens": seen, "refiner_lens": seen_refiner,
-                "installed_attention": installed_attention(sp.transformer), "fa3_calls": len(fa3_calls)}
+                "installed_attention": installed_attention(sp.transformer), "installed_fusion": installed_fusion(sp.transformer),
+                "fa3_calls": len(fa3_calls)}
         if rank == 0:
-            print(f"layout {_key(u, r, shard_refiner, fa3)} done at {time.time() - t0:.1f}s", flush=True)
-            torch.save({"results": results, "info": info}, os.path.join(out_dir, _key(u, r, shard_refiner, fa3) + ".pt"))
+            print(f"layout {_key(u, r, shard_refiner, fa3, fuse)} done at {time.time() - t0:.1f}s", flush=True)
+            torch.save({"results": results, "info": info}, os.path.join(out_dir, _key(u, r, shard_refiner, fa3, fuse) + ".pt"))
         torch.distributed.destroy_process_group()
 
 
@@ -122,7 +128,7 @@ def reference(tiny_dir):
 def test_sp_matches_single_process(sp_results, reference, variant, case):
     got = sp_results[variant]["results"][case]
     info = sp_results[variant]["info"]
-    layout, shard_refiner, fa3 = variant[:2], variant[2], variant[3]
+    layout, shard_refiner, fa3, fuse = variant[:2], variant[2], variant[3], variant[4]
     assert (info["sp"]["ulysses_degree"], info["sp"]["ring_degree"]) == layout and info["backend"] == "gloo"
     assert info["sp"]["attention"] == ("diffusers-ulysses" if layout[1] == 1 else "usp")
     assert info["sp"]["shards_noise_refiner"] == shard_refiner
@@ -131,6 +137,7 @@ def test_sp_matches_single_process(sp_results, reference, variant, case):
     expected = {"context_refiner": local, "noise_refiner": sharded if shard_refiner else local, "layers": sharded}
     assert info["attention"] == expected == info["installed_attention"]
     assert (info["fa3_calls"] > 0) == fa3
+    assert info["fused_projections"] is fuse and info["installed_fusion"] is fuse  # the single-process reference is unfused
     n = layout[0] * layout[1]
     # really sharded: the single request's 64 tokens (padded up to a multiple of n) over n ranks
     assert info["shard_lens"][0] == -(-64 // n), info["shard_lens"]

@@ -40,10 +40,14 @@ def apply_rotary_emb_complex(x_in: torch.Tensor, freqs_cis: torch.Tensor) -> tor
 
 def rotated_qkv(attn, hidden_states, freqs_cis, rope=apply_rotary_emb):
     """The part of Z-Image attention before the attention itself: q, k, v [B, S, H, D] projected,
-    q and k normed and rotated by `rope`."""
-    query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))
-    key = attn.to_k(hidden_states).unflatten(-1, (attn.heads, -1))
-    value = attn.to_v(hidden_states).unflatten(-1, (attn.heads, -1))
+    q and k normed and rotated by `rope`. With `attn.fused_projections` one linear `to_qkv` projects all
+    three (serve_app/engines/fused_projections.py)."""
+    if attn.fused_projections:
+        query, key, value = attn.to_qkv(hidden_states).unflatten(-1, (3, attn.heads, -1)).unbind(-3)
+    else:
+        query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))
+        key = attn.to_k(hidden_states).unflatten(-1, (attn.heads, -1))
+        value = attn.to_v(hidden_states).unflatten(-1, (attn.heads, -1))
     if attn.norm_q is not None:
         query = attn.norm_q(query)
     if attn.norm_k is not None:

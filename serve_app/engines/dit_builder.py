@@ -1,14 +1,17 @@
-"""The one way to build the DiT: load, then attention processors -> context-parallel plan -> FP8 -> LoRA side
-paths (when LoRA is on) -> compile, in that order, once, and a frozen record of what was applied.
+"""The one way to build the DiT: load, then attention processors -> context-parallel plan -> fused
+projections (when on) -> FP8 -> LoRA side paths (when LoRA is on) -> compile, in that order, once, and a
+frozen record of what was applied.
 
 What the config asks for is first checked against the chip (`serve_app.engines.platform`): an attention
 backend that cannot run here, FP8 without FP8 matrix cores, compile on CPU all fall back with a warning in
 the record. The order matters: the plan's hooks and processors must exist before FP8 swaps the linears
-inside them, and compile must see the final modules.
+inside them, the projections are fused before FP8 so that each fused weight is quantized once (one
+scale per row, as the separate ones were), and compile must see the final modules.
 
     transformer, build = build_dit(model_cfg, cfg, device, dtype)                 # one GPU
     transformer, build = build_dit(model_cfg, cfg, device, dtype, sp=SPOptions(...))  # one SP rank
-    build.as_dict()  # what /v1/stats reports; installed_attention(transformer) is what is really there
+    build.as_dict()  # what /v1/stats reports; installed_attention(transformer) and installed_fusion(transformer)
+                     # (serve_app/engines/fused_projections.py) are what is really there
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from serve_app.config import DenoiserConfig, ModelConfig
 from serve_app.engines.attention_processor import ZImageAttnProcessor, install_attention_processors
 from serve_app.engines.devices import process_memory_capped
 from serve_app.engines.fp8_linear import quantize_linears_fp8
+from serve_app.engines.fused_projections import fuse_projections
 from serve_app.engines.library_internals import (
     check_library_versions,
     contiguous_rope_tables,
@@ -59,6 +63,7 @@ class DiTBuild:
     attention: dict[str, str]
     real_rope: bool
     fp8_dtype: str | None
+    fused_projections: bool  # Q/K/V and w1/w3 as one linear each (serve_app/engines/fused_projections.py)
     compile: bool
     compile_dynamic: bool
     sp: dict | None  # ulysses_degree, ring_degree, attention, pads_sequence, shards_noise_refiner
@@ -72,11 +77,18 @@ class DiTBuild:
         return d
 
 
+def in_blocks(module: torch.nn.Module, fqn: str) -> bool:
+    """The linears FP8 replaces: those inside the transformer blocks (embedders and final layer stay bf16)."""
+    return isinstance(module, torch.nn.Linear) and fqn.startswith(tuple(f"{g}." for g in BLOCK_GROUPS))
+
+
 def build_dit(model_cfg: ModelConfig, cfg: DenoiserConfig, device: torch.device, dtype: torch.dtype,
               sp: SPOptions | None = None, lora_max_rank: int | None = None):
     """(transformer, DiTBuild) for `device`; with `sp`, this rank's shard of an SP group; with
     `lora_max_rank`, a LoRA side path of that rank beside every linear (serve_app/engines/lora.py)."""
     check_library_versions()
+    if cfg.fuse_projections and lora_max_rank is not None:  # AppConfig refuses it too; engines built directly
+        raise ValueError("denoiser.fuse_projections: not with LoRA side paths (they wrap the separate linears)")
     settings = choose_engine_settings(detect_platform(device), cfg)
     warnings = list(settings.warnings)
     sharded = sp is not None and sp.world_size > 1
@@ -134,22 +146,23 @@ def build_dit(model_cfg: ModelConfig, cfg: DenoiserConfig, device: torch.device,
         sp_info = {"ulysses_degree": info.ulysses_degree, "ring_degree": info.ring_degree, "attention": info.attention,
                    "pads_sequence": info.pads_sequence, "shards_noise_refiner": info.shards_noise_refiner}
 
-    # 3. FP8: only the big linears inside the transformer blocks; embedders and final layer stay bf16
-    if settings.fp8:
-        def in_blocks(module, fqn):
-            return isinstance(module, torch.nn.Linear) and fqn.startswith(tuple(f"{g}." for g in BLOCK_GROUPS))
+    # 3. fused projections: weights rewritten where they are loaded (the CPU when staged), before FP8
+    if cfg.fuse_projections:
+        fuse_projections(transformer)
 
+    # 4. FP8: only the big linears inside the transformer blocks; embedders and final layer stay bf16
+    if settings.fp8:
         quantize_linears_fp8(transformer, settings.torch_fp8_dtype, in_blocks, device=device)
         transformer.to(device)  # what stays bf16 (embedders, norms, final layer)
 
-    # 3b. LoRA side paths: after FP8 (they wrap the FP8 linears and stay bf16), before compile (the compiled
+    # 4b. LoRA side paths: after FP8 (they wrap the FP8 linears and stay bf16), before compile (the compiled
     # blocks hold them, and switching adapters only writes their buffers)
     if lora_max_rank is not None:
         from serve_app.engines.lora import install_side_paths
 
         install_side_paths(transformer, lora_max_rank, device, dtype)
 
-    # 4. regional compile: one graph per block class
+    # 5. regional compile: one graph per block class
     if settings.compile.enabled:
         raise_recompile_limits()
         contiguous_rope_tables(transformer)
@@ -159,6 +172,7 @@ def build_dit(model_cfg: ModelConfig, cfg: DenoiserConfig, device: torch.device,
         attention=attention,
         real_rope=cfg.real_rope,
         fp8_dtype=settings.fp8_dtype if settings.fp8 else None,
+        fused_projections=cfg.fuse_projections,
         compile=settings.compile.enabled,
         compile_dynamic=settings.compile.enabled and settings.compile.dynamic,
         sp=sp_info,
