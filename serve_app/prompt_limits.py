@@ -1,6 +1,6 @@
 """What a prompt may be, from the loaded model itself: tokenisable by its tokenizer, and no longer (in
 tokens, after the text encoder's `max_sequence_length` truncation) than the DiT's position tables hold
-(`serve_app.engines.denoiser.position_limits` of the transformer's config). The ingress checks every
+(`serve_app.engines.dit_positions.position_limits` of the transformer's config). The ingress checks every
 prompt here before any stage sees it, so a prompt that would fail inside a batch is a 400 alone."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from serve_app.openai_api import APIError
 
 class PromptLimits:
     def __init__(self, cfg: AppConfig):
-        from serve_app.engines.denoiser import PIXELS_PER_LATENT_PATCH, position_limits
+        from serve_app.engines.dit_positions import PIXELS_PER_LATENT_PATCH, position_limits
         from serve_app.engines.model_sources import load_tokenizer, load_transformer_config
 
         self.tokenizer = load_tokenizer(cfg.model)

@@ -1,9 +1,11 @@
 """The Serve app with a sequence-parallel DiT, over real HTTP on a real local Ray cluster with pretend
 GPUs (`num_gpus=4`; torch is CPU-only here, so every rank falls back to CPU + gloo), tiny model.
 
-- SP 4 (ulysses 2 x ring 2: the tiny DiT has 6 heads, so Ulysses 4 is not allowed) and SP 2 (ulysses 2)
-  answer `POST /v1/images/generations` with the SP 1 image, alone and in a batch of concurrent
-  requests with different prompt lengths.
+- SP 2 (ulysses 2) answers `POST /v1/images/generations` with the SP 1 image, alone and in a batch of
+  concurrent requests with different prompt lengths. (SP 4, ulysses 2 x ring 2, runs the same replica
+  code with more bundles: tests/test_sp_group.py holds its group in a placement group, and
+  tests/test_sp_engine.py checks its arithmetic with key masks; a serving case of its own cost a minute
+  of CI for nothing either misses.)
 - The SP 2 app is routed by size (`denoiser_routes`, the fractions of configs/random-full-routed.yaml):
   64x64 to a single-rank main Denoiser, 96x96 and up to the SP 2 route Denoiser-large; plain, streamed
   and edit requests each reach only the deployment of their size, which serves the SP 1 image.
@@ -15,7 +17,7 @@ GPUs (`num_gpus=4`; torch is CPU-only here, so every rank falls back to CPU + gl
   flight at once with an OpenAI-shaped 5xx, Serve's health check replaces the replica with a new SP
   group, and the app then serves the SP 1 image again.
 
-One Ray cluster for the module; one app at a time (SP 4, then routed SP 2), deployed when a test first needs it.
+One Ray cluster for the module; the routed SP 2 app, deployed when a test first needs it.
 The SP 1 reference is the in-process `StagedPipeline` at one torch thread, as in the replicas (the
 same code the SP 1 app runs: tests/test_serving.py shows them bit-identical).
 """
@@ -66,15 +68,13 @@ MAX_LEVEL_DIFF = 1
 MAX_DIFF_FRACTION = 0.0025
 
 VARIANTS = {
-    # whole-GPU ranks (denoiser_deployment.ray_actor_options.num_gpus unset -> 1 per rank); the other stages on CPU
-    "sp4": {"ulysses_degree": 2, "ring_degree": 2},
     # routed: a single-rank main denoiser below LARGE_SIZE², an SP 2 route from it on; the GPU fractions of
     # configs/random-full-routed.yaml: main and ranks 0.8 each, text encoder / VAE 0.1 each
     "sp2": {"ulysses_degree": 1, "ring_degree": 1},
 }
 # the deployment holding the variant's SP group, and the size it serves
-SP_DEPLOYMENT = {"sp4": "Denoiser", "sp2": f"Denoiser-{ROUTE}"}
-SP_SIZE = {"sp4": SIZE, "sp2": LARGE_SIZE}
+SP_DEPLOYMENT = {"sp2": f"Denoiser-{ROUTE}"}
+SP_SIZE = {"sp2": LARGE_SIZE}
 ROUTED_CONFIG = "configs/random-full-routed.yaml"
 SP_CONFIGS = [("configs/random-full-sp2.yaml", 2), ("configs/random-full-sp4.yaml", 4), ("configs/z-image-turbo-sp2.yaml", 2),
               (ROUTED_CONFIG, 4)]
@@ -100,10 +100,6 @@ def sp_args(tiny_dir, variant: str) -> dict:
         "vae_deployment": {"ray_actor_options": {"num_cpus": 0.1}, "max_batch_size": 4},
         "ingress_deployment": {"ray_actor_options": {"num_cpus": 0.1}, "max_ongoing_requests": 64, "max_queued_requests": 64},
     }
-    if variant == "sp4":
-        # mixed caption lengths in one forward (a key mask through Ulysses x ring); sp2 keeps the default,
-        # which batches only captions of one padded length
-        args["denoiser"]["sp_same_caption_length_batches"] = False
     if variant == "sp2":
         cfg = _config_args(ROUTED_CONFIG)
         for stage in ("text_encoder_deployment", "denoiser_deployment", "vae_deployment"):
@@ -361,7 +357,7 @@ def _check_images(variant: str, reference: dict) -> None:
     print(f"{variant}: (max |diff|, values off) per image vs SP 1: {measured}")
 
 
-@pytest.mark.parametrize("variant, n", [("sp4", 4), ("sp2", 2)])
+@pytest.mark.parametrize("variant, n", [("sp2", 2)])
 def test_sp_replica_holds_one_strict_pack_group_and_serves_the_sp1_image(apps, reference, variant, n):
     app = apps.use(variant)
     _assert_group(app, n, _rank_gpus(variant), SP_DEPLOYMENT[variant])  # 1 + n bundles, STRICT_PACK, n live ranks in it

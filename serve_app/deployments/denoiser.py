@@ -22,7 +22,8 @@ from ray import serve
 from serve_app.config import AppConfig
 from serve_app.deployments.gpu_batcher import GpuBatcher
 from serve_app.deployments.stage_stats import StageStats
-from serve_app.engines.denoiser import PIXELS_PER_LATENT_PATCH, Denoiser, DenoiserEngine, check_positions, position_limits
+from serve_app.engines.denoiser import Denoiser, DenoiserEngine, check_positions
+from serve_app.engines.dit_positions import PIXELS_PER_LATENT_PATCH, position_limits
 from serve_app.engines.lora import AdapterError, UnknownAdapter
 from serve_app.engines.model_sources import load_transformer_config
 from serve_app.openai_api import APIError

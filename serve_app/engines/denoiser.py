@@ -30,6 +30,7 @@ import torch
 from serve_app.config import DenoiserConfig, LoraConfig, ModelConfig
 from serve_app.engines.compile_cache import use_compile_cache
 from serve_app.engines.devices import placement
+from serve_app.engines.dit_positions import CAPTION_PAD, PIXELS_PER_LATENT_PATCH, position_limits
 from serve_app.engines.dit_builder import SPOptions, build_dit
 from serve_app.engines.lora import AdapterError, LoraAdapters, side_paths
 from serve_app.engines.model_sources import load_scheduler_config, lora_folder
@@ -39,9 +40,6 @@ from serve_app.stage_messages import DenoiseProgress, DenoiseRequest
 # on_step(request index, progress): called on the GPU thread after each DiT step of a request, when given
 StepCallback = Callable[[int, DenoiseProgress], None]
 
-VAE_SCALE_FACTOR = 8  # Flux VAE: 2 ** (len(block_out_channels) - 1)
-PIXELS_PER_LATENT_PATCH = VAE_SCALE_FACTOR * 2  # the DiT patchifies latents 2x2
-CAPTION_PAD = 32  # Z-Image pads each caption to a multiple of 32 tokens (its pad token is attended)
 
 
 class Denoiser(Protocol):
@@ -106,16 +104,6 @@ def group_by_shape(requests: list[DenoiseRequest], same_caption_length: bool = F
         key = r.batch_key + ((-(-r.embeds.shape[0] // CAPTION_PAD),) if same_caption_length else ())
         groups[key].append(i)
     return dict(groups)
-
-
-def position_limits(transformer_config: dict) -> tuple[int, int, int]:
-    """(caption tokens, latent-patch rows, latent-patch columns) that the DiT's RoPE tables hold.
-
-    A caption of L tokens is padded to a multiple of CAPTION_PAD and takes positions 1..L' on the first
-    axis; the image then sits at position L' + 1 on it; rows and columns take 0..H-1 / 0..W-1 on the
-    others. Past these, diffusers indexes out of its tables (IndexError inside the forward)."""
-    first, rows, cols = transformer_config["axes_lens"]
-    return (first - 2) // CAPTION_PAD * CAPTION_PAD, rows, cols
 
 
 def check_positions(r: DenoiseRequest, limits: tuple[int, int, int]) -> None:

@@ -16,8 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-VAE_SCALE_FACTOR = 8
-SIZE_MULTIPLE = 16  # the DiT's latent patch in pixels (VaeImageProcessor(vae_scale_factor=16) in diffusers)
+from serve_app.engines.dit_positions import PIXELS_PER_LATENT_PATCH as SIZE_MULTIPLE  # VaeImageProcessor(vae_scale_factor=16) in diffusers
 
 
 def fit_size(width: int, height: int, min_size: int, max_size: int, multiple: int = SIZE_MULTIPLE) -> tuple[int, int]:
