@@ -79,9 +79,10 @@ class DenoiserConfig(_Strict):
     # served size), which lets Inductor specialise its kernels
     compile_dynamic: bool = True
     fp8: bool = False  # FP8 linears (per-token activation, per-row weight scales) where the chip has FP8
-    # each block's Q, K, V as one linear and its feed-forward's w1, w3 as one: one activation quantization
-    # and one GEMM each instead of three and two (serve_app/engines/fused_projections.py); same result
-    fuse_projections: bool = False
+    # each block's Q, K, V as one linear and its feed-forward's w1, w3 as one: fewer launches, the same
+    # result (serve_app/engines/fused_projections.py; benchmarks/README.md, "fused projections": server
+    # c=1 -1.6 %). None: on unless lora.enabled (adapters wrap the separate linears); AppConfig decides.
+    fuse_projections: bool | None = None
     # diffusers attention backend name; None: the fastest usable on the chip (serve_app/engines/platform.py),
     # e.g. "_flash_3" (FlashAttention-3, serve_app/engines/fa3_attention.py) on Hopper where a build imports
     attention_backend: str | None = None
@@ -430,7 +431,9 @@ class AppConfig(_Strict):
         problems += self._route_problems()
         if self.lora.enabled and self.lora.dir is None and self.model.source != "tiny":
             problems.append("lora.dir: required when lora.enabled (only the tiny model has a default, its demo adapter)")
-        if self.lora.enabled and self.denoiser.fuse_projections:
+        if self.denoiser.fuse_projections is None:
+            self.denoiser = self.denoiser.model_copy(update={"fuse_projections": not self.lora.enabled})
+        elif self.lora.enabled and self.denoiser.fuse_projections:
             # adapters are named by the separate linears (to_q, w1, ...), each with a side path of its own
             problems.append("denoiser.fuse_projections: not with lora.enabled (LoRA adapts to_q/to_k/to_v, w1/w3 "
                             "separately); turn one of them off")

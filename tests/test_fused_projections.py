@@ -166,3 +166,11 @@ def test_a_fused_fp8_block_traces_as_one_graph(tiny_dir):
         traced = torch.compile(block, backend=record, fullgraph=True)(x, None, freqs, adaln)
     assert len(graphs) == 1
     torch.testing.assert_close(traced, eager)
+
+
+def test_fused_unless_lora_is_enabled_by_default():
+    assert AppConfig(model=ModelConfig(source="tiny")).denoiser.fuse_projections is True
+    assert AppConfig(model=ModelConfig(source="tiny"), lora=LoraConfig(enabled=True)).denoiser.fuse_projections is False
+    assert AppConfig(model=ModelConfig(source="tiny"), denoiser=DenoiserConfig(fuse_projections=False)).denoiser.fuse_projections is False
+    cfg = AppConfig.model_validate(AppConfig(model=ModelConfig(source="tiny")).model_dump(mode="json"))  # as the replicas read it
+    assert cfg.denoiser.fuse_projections is True
