@@ -9,7 +9,6 @@ One device run, random-full weights (real architecture, random values), bf16, 10
      `compile` (dynamic shapes), `compile_static` (a graph per shape), `fp8_compile`,
      `fp8_compile_static` (FP8 linears); `..._fa3`: FlashAttention-3; `..._cplxrope`: RoPE as diffusers'
      complex multiply instead of `serve_app.engines.attention_processor`'s real arithmetic (the default);
-     `..._oblivious`: batch 1 shares the batched graph (`denoiser.compile_size_oblivious`; process-wide: last);
      `..._fused`: Q/K/V and w1/w3 as one linear each (`denoiser.fuse_projections`), also compared with the
      same variant unfused when that one ran first; with `--batch-size` S also a batch of 1 and of 4 at
      S x S (per-image ratio);
@@ -240,7 +239,6 @@ def main():
             fp8="fp8" in toks,
             real_rope="cplxrope" not in toks,
             fuse_projections="fused" in toks,
-            compile_size_oblivious="oblivious" in toks,  # a process-wide Dynamo setting: run such variants last
             attention_backend={"cudnn": "_native_cudnn", "flash": "_native_flash", "fa3": "_flash_3"}.get(
                 next((b for b in ("cudnn", "flash", "fa3") if b in toks), ""), "native"
             ),

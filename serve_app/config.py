@@ -78,10 +78,6 @@ class DenoiserConfig(_Strict):
     # True: one graph per block class for every size and batch; False: a graph per shape (warm each
     # served size), which lets Inductor specialise its kernels
     compile_dynamic: bool = True
-    # with compile_dynamic: batch 1 runs the batched graph instead of one of its own (Dynamo specialises a
-    # size-1 dimension unless told not to): fewer graphs to trace at start (benchmarks/README.md, "one
-    # graph for every batch"). A trial until measured.
-    compile_size_oblivious: bool = False
     fp8: bool = False  # FP8 linears (per-token activation, per-row weight scales) where the chip has FP8
     # each block's Q, K, V as one linear and its feed-forward's w1, w3 as one: fewer launches, the same
     # result (serve_app/engines/fused_projections.py; benchmarks/README.md, "fused projections": server

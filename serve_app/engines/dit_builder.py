@@ -33,7 +33,6 @@ from serve_app.engines.library_internals import (
     processor_parallel_config,
     processors,
     raise_recompile_limits,
-    trace_size_one_obliviously,
 )
 from serve_app.engines.model_sources import load_transformer
 from serve_app.engines.platform import choose_engine_settings, detect_platform
@@ -67,7 +66,6 @@ class DiTBuild:
     fused_projections: bool  # Q/K/V and w1/w3 as one linear each (serve_app/engines/fused_projections.py)
     compile: bool
     compile_dynamic: bool
-    compile_size_oblivious: bool  # batch 1 shares the batched graph (`denoiser.compile_size_oblivious`)
     sp: dict | None  # ulysses_degree, ring_degree, attention, pads_sequence, shards_noise_refiner
     lora_max_rank: int | None = None  # LoRA side paths of this rank beside every linear (None: none)
     platform: dict = field(default_factory=dict)
@@ -167,8 +165,6 @@ def build_dit(model_cfg: ModelConfig, cfg: DenoiserConfig, device: torch.device,
     # 5. regional compile: one graph per block class
     if settings.compile.enabled:
         raise_recompile_limits()
-        if settings.compile.dynamic and cfg.compile_size_oblivious:
-            trace_size_one_obliviously()
         contiguous_rope_tables(transformer)
         transformer.compile_repeated_blocks(fullgraph=True, dynamic=settings.compile.dynamic)
 
@@ -179,7 +175,6 @@ def build_dit(model_cfg: ModelConfig, cfg: DenoiserConfig, device: torch.device,
         fused_projections=bool(cfg.fuse_projections),
         compile=settings.compile.enabled,
         compile_dynamic=settings.compile.enabled and settings.compile.dynamic,
-        compile_size_oblivious=settings.compile.enabled and settings.compile.dynamic and cfg.compile_size_oblivious,
         sp=sp_info,
         lora_max_rank=lora_max_rank,
         platform=settings.platform.as_dict(),

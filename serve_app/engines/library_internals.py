@@ -111,14 +111,6 @@ def raise_recompile_limits(per_frame: int = 64, accumulated: int = 512) -> None:
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, accumulated)
 
 
-def trace_size_one_obliviously() -> None:
-    """Dynamo traces a size-1 dimension of a dynamic input like any other size (no 0/1 specialisation),
-    so batch 1 shares the batched graph: for this process (a DiT replica or SP rank compiles only the DiT)."""
-    import torch.fx.experimental._config as fx_config
-
-    fx_config.backed_size_oblivious = True
-
-
 def scaled_mm(a, b, scale_a, scale_b, bias, out_dtype):
     """FP8 GEMM with per-row scales (`torch._scaled_mm`, what torchao's FP8 linears call too)."""
     return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, bias=bias, out_dtype=out_dtype)
