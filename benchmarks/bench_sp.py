@@ -12,11 +12,15 @@ the plain `DenoiserEngine`. Random embeddings (--cap-len tokens, fixed seed) sta
 
 Layouts: `u2` Ulysses 2; `u2r2` Ulysses 2 x ring 2 (our Ulysses x ring processor); `r4` ring 4;
 `ulysses4` Ulysses 4 through diffusers' `ulysses_anything` (pads 30 heads to 32); a `+nr` suffix
-(`u2+nr`) shards the two noise refiners too (`DenoiserConfig.sp_shard_noise_refiner`). --layouts lists the
-layouts for degrees above 2 (and may name any others); a degree in --degrees without a listed layout
-runs as `u<degree>`.
+(`u2+nr`) shards the two noise refiners too (`DenoiserConfig.sp_shard_noise_refiner`); a `+packed` suffix
+(`u2+packed`, `u2+nr+packed`) runs a ring-1 layout through our processor, q, k, v in one async all-to-all
+(`DenoiserConfig.sp_attention: packed`), instead of diffusers' Ulysses: list both to measure the exchange
+on and off in one run (each `+packed` result gets `forward_speedup_vs_diffusers` against its twin).
+--layouts lists the layouts for degrees above 2 (and may name any others); a degree in --degrees without
+a listed layout runs as `u<degree>`.
 
   python benchmarks/bench_sp.py --out $OUT/sp.json --degrees 1,2,4 --attention-backend _native_cudnn
+  python benchmarks/bench_sp.py --out $OUT/sp.json --degrees 1,2 --layouts u2,u2+packed,u2+nr,u2+nr+packed
   python benchmarks/bench_sp.py --out /tmp/sp.json --source tiny --device cpu --height 128 --width 128 --steps 2
 
 Needs only torch, diffusers, transformers and this repository.
@@ -51,11 +55,14 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+SUFFIXES = ("nr", "packed")  # noise refiners sharded too; our packed-exchange processor at ring 1
+
+
 def parse_layout(name: str) -> dict:
-    base, plus, extra = name.partition("+")
-    if plus and extra != "nr":
-        raise SystemExit(f"bad layout {name!r}: the only suffix is +nr (noise refiners sharded too)")
-    shard = {"shard_noise_refiner": bool(plus)}
+    base, *extra = name.split("+")
+    if any(x not in SUFFIXES for x in extra) or len(set(extra)) != len(extra):
+        raise SystemExit(f"bad layout {name!r}: the suffixes are +nr (noise refiners sharded too) and +packed (our processor)")
+    shard = {"shard_noise_refiner": "nr" in extra, "sp_attention": "packed" if "packed" in extra else "diffusers"}
     m = re.fullmatch(r"(?:u(\d+))?(?:r(\d+))?", base)
     if base.startswith("ulysses"):
         u = int(base[len("ulysses"):])
@@ -147,7 +154,7 @@ def _worker(rank: int, args, runs: list[dict], ports: list[int], result_path: st
         n = run["degree"]
         if rank >= n:
             continue
-        entry: dict = {k: run[k] for k in ("name", "degree", "ulysses", "ring", "ulysses_anything", "shard_noise_refiner")}
+        entry: dict = {k: run[k] for k in ("name", "degree", "ulysses", "ring", "ulysses_anything", "shard_noise_refiner", "sp_attention")}
         engine = None
         try:
             t0 = time.perf_counter()
@@ -161,10 +168,12 @@ def _worker(rank: int, args, runs: list[dict], ports: list[int], result_path: st
                 )
                 cfg = den_cfg.model_copy(update={
                     "ulysses_degree": run["ulysses"], "ring_degree": run["ring"], "sp_shard_noise_refiner": run["shard_noise_refiner"],
+                    "sp_attention": run["sp_attention"],
                 })
                 engine = DenoiserEngine(model_cfg.model_copy(update={"device": str(device)}), cfg, device=device,
                                         sp=sp_options(cfg, ulysses_anything=run["ulysses_anything"]))
                 entry["attention"] = engine.build.sp["attention"]
+                entry["ulysses_exchange"] = engine.build.sp["ulysses_exchange"]
             entry["build_s"] = time.perf_counter() - t0
             entry["acceleration"] = engine.build.as_dict()
             if device.type == "cuda":
@@ -255,6 +264,12 @@ def main() -> None:
         if base and "forward_ms_median" in r:
             r["forward_speedup_vs_sp1"] = base["forward_ms_median"] / r["forward_ms_median"]
             r["denoise_speedup_vs_sp1"] = base["denoise_ms_median"] / r["denoise_ms_median"]
+    by_name = {r["name"]: r for r in results if "forward_ms_median" in r}
+    for r in by_name.values():  # the packed exchange on vs off, same layout, same run
+        twin = by_name.get("+".join(x for x in r["name"].split("+") if x != "packed"))
+        if r.get("sp_attention") == "packed" and twin is not None and twin is not r:
+            r["forward_speedup_vs_diffusers"] = twin["forward_ms_median"] / r["forward_ms_median"]
+            r["denoise_speedup_vs_diffusers"] = twin["denoise_ms_median"] / r["denoise_ms_median"]
     out = {
         "command": [sys.executable] + sys.argv,
         "torch": torch.__version__,
@@ -278,9 +293,11 @@ def main() -> None:
     log(f"wrote {args.out}")
     for r in results:
         log(
-            f"{r['name']:>9}: forward {r.get('forward_ms_median', float('nan')):8.2f} ms  "
+            f"{r['name']:>14}: forward {r.get('forward_ms_median', float('nan')):8.2f} ms  "
             f"denoise {r.get('denoise_ms_median', float('nan')):9.1f} ms  "
-            f"x{r.get('forward_speedup_vs_sp1', float('nan')):.2f}  parity {r.get('parity_vs_sp1')}  {r.get('error', '')}"
+            f"x{r.get('forward_speedup_vs_sp1', float('nan')):.2f}"
+            + (f" (x{r['forward_speedup_vs_diffusers']:.3f} vs diffusers' Ulysses)" if "forward_speedup_vs_diffusers" in r else "")
+            + f"  parity {r.get('parity_vs_sp1')}  {r.get('error', '')}"
         )
 
 

@@ -3,6 +3,8 @@
 # layouts, parity and speed-up; eager and/or compiled), then the Serve app over HTTP for each config given.
 # Usage (after the bundle line):
 #   MODES="eager compiled" LAYOUTS=u2,u2+nr DEGREES=1,2 bash benchmarks/gpu_sp_proof.sh <commit> configs/a.yaml [configs/b.yaml ...]
+# The packed Ulysses exchange on vs off (no configs: bench_sp only):
+#   MODES="eager compiled" LAYOUTS=u2,u2+packed,u2+nr,u2+nr+packed DEGREES=1,2 BENCH_TIMEOUT=280 bash benchmarks/gpu_sp_proof.sh <commit>
 # Writes $OUT/sp-<mode>.json, $OUT/serve-<config>.json and their logs.
 set -uo pipefail
 commit=$1; shift
@@ -13,7 +15,7 @@ for mode in ${MODES:-eager compiled}; do
   flag=""; [ "$mode" = compiled ] && flag=--compile
   timeout ${BENCH_TIMEOUT:-190} python benchmarks/bench_sp.py --out $OUT/sp-$mode.json --degrees ${DEGREES:-1,2} \
       --layouts ${LAYOUTS:-u2,u2+nr} $flag --repeats 8 --denoise-repeats 2 > $OUT/sp-$mode.log 2>&1
-  echo "bench_sp $mode rc=$?"; grep -a "forward .* ms" $OUT/sp-$mode.log | tail -n 4
+  echo "bench_sp $mode rc=$?"; grep -a "forward .* ms" $OUT/sp-$mode.log | tail -n 12
 done
 for config in "$@"; do
   name=$(basename $config .yaml)

@@ -96,6 +96,11 @@ class DenoiserConfig(_Strict):
     # SP > 1: also shard the two noise-refiner blocks (image tokens), not just the main blocks
     # (benchmarks/README.md, "SP: sharded noise refiners")
     sp_shard_noise_refiner: bool = True
+    # SP > 1 with ring_degree 1: the sharded blocks' attention. "diffusers": diffusers' Ulysses (three
+    # all-to-alls, q, k, v, each waited before the next); "packed": ours (serve_app/sp/attention.py), q, k, v
+    # in one all-to-all issued async, the key mask gathered while it is in flight; the same result.
+    # ring_degree > 1 always runs ours, packed.
+    sp_attention: Literal["diffusers", "packed"] = "diffusers"
     # SP > 1: batch only requests whose captions pad to the same length, so the sharded blocks never need
     # a key mask (diffusers' Ulysses with a mask inside compiled blocks fails; benchmarks/README.md, "SP")
     sp_same_caption_length_batches: bool = True

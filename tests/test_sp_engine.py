@@ -27,15 +27,20 @@ REFINER_LAYOUTS = [(2, 1), (3, 1), (2, 2)]
 # with fused projections (`denoiser.fuse_projections`): through diffusers' Ulysses and through ours;
 # and on a simulated Hopper with (reference) FA3: the unsharded refiners keep FA3, the sharded blocks
 # take diffusers' Ulysses or ours; run last in each process (the simulation is not undone)
-# (ulysses, ring, shard_refiner, fa3, fuse)
-VARIANTS = ([(u, r, False, False, False) for u, r in LAYOUTS] + [(u, r, True, False, False) for u, r in REFINER_LAYOUTS]
-            + [(2, 1, True, False, True), (2, 2, False, False, True)]
-            + [(2, 1, True, True, False), (2, 2, False, True, False)])
+# our processor instead of diffusers' Ulysses at ring 1 (`denoiser.sp_attention: packed`): SP 2, and SP 3
+# with its pad (main blocks and noise refiners)
+# (ulysses, ring, shard_refiner, fa3, fuse, sp_attention)
+VARIANTS = ([(u, r, False, False, False, "diffusers") for u, r in LAYOUTS]
+            + [(u, r, True, False, False, "diffusers") for u, r in REFINER_LAYOUTS]
+            + [(2, 1, False, False, False, "packed"), (3, 1, True, False, False, "packed")]
+            + [(2, 1, True, False, True, "diffusers"), (2, 2, False, False, True, "diffusers")]
+            + [(2, 1, True, True, False, "diffusers"), (2, 2, False, True, False, "diffusers")])
 NPROCS = max(u * r for u, r in LAYOUTS)
 
 
-def _key(u: int, r: int, shard_refiner: bool, fa3: bool = False, fuse: bool = False) -> str:
-    return f"u{u}r{r}" + ("-refiner" if shard_refiner else "") + ("-fa3" if fa3 else "") + ("-fused" if fuse else "")
+def _key(u: int, r: int, shard_refiner: bool, fa3: bool = False, fuse: bool = False, attention: str = "diffusers") -> str:
+    return (f"u{u}r{r}" + ("-refiner" if shard_refiner else "") + ("-fa3" if fa3 else "") + ("-fused" if fuse else "")
+            + ("-packed" if attention == "packed" else ""))
 
 
 def _requests(cap_dim: int) -> dict[str, list[DenoiseRequest]]:
@@ -70,6 +75,17 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
+def _packed_exchange_exact(rank: int, n: int) -> bool:
+    """One packed all-to-all of q, k, v (bf16, uneven values per rank) == three `seq_to_heads`, bit for bit."""
+    from serve_app.sp.attention import finish_seq_to_heads, seq_to_heads, start_seq_to_heads
+
+    g = torch.Generator().manual_seed(rank)
+    group = torch.distributed.group.WORLD
+    qkv = [torch.randn(2, 5, 2 * n, 3, generator=g).to(torch.bfloat16) for _ in range(3)]
+    packed = finish_seq_to_heads(start_seq_to_heads(qkv, group, n), n)
+    return all(torch.equal(p, seq_to_heads(t, group, n)) for p, t in zip(packed, qkv))
+
+
 def _worker(rank: int, tiny_dir: str, ports: list[int], out_dir: str) -> None:
     import time
     t0 = time.time()
@@ -80,7 +96,8 @@ def _worker(rank: int, tiny_dir: str, ports: list[int], out_dir: str) -> None:
     from serve_app.sp.process_group import check_collectives, init_sp_process_group, sp_options, sp_rank_info
 
     model_cfg = ModelConfig(source="tiny", tiny_dir=tiny_dir)
-    for (u, r, shard_refiner, fa3, fuse), port in zip(VARIANTS, ports):
+    for variant, port in zip(VARIANTS, ports):
+        u, r, shard_refiner, fa3, fuse, attention = variant
         n = u * r
         if rank >= n:
             continue
@@ -91,7 +108,7 @@ def _worker(rank: int, tiny_dir: str, ports: list[int], out_dir: str) -> None:
         init_sp_process_group(rank, n, "127.0.0.1", port, timeout_s=120)
         # mixed caption lengths share forwards (key masks through the sharded attention)
         cfg = DenoiserConfig(ulysses_degree=u, ring_degree=r, sp_shard_noise_refiner=shard_refiner, sp_same_caption_length_batches=False,
-                             fuse_projections=fuse)
+                             fuse_projections=fuse, sp_attention=attention)
         sp = DenoiserEngine(model_cfg, cfg, device=torch.device("cpu"), sp=sp_options(cfg))
         seen: list[int] = []  # sequence length the last main block really sees (its shard)
         sp.transformer.layers[-1].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
@@ -101,10 +118,10 @@ def _worker(rank: int, tiny_dir: str, ports: list[int], out_dir: str) -> None:
         results = {name: [t.cpu() for t in sp.denoise(reqs)] for name, reqs in _requests(sp.cap_feat_dim).items()}
         info = {**sp_rank_info(sp), "shard_lens": seen, "refiner_lens": seen_refiner,
                 "installed_attention": installed_attention(sp.transformer), "installed_fusion": installed_fusion(sp.transformer),
-                "fa3_calls": len(fa3_calls)}
+                "fa3_calls": len(fa3_calls), "packed_exchange_exact": _packed_exchange_exact(rank, u) if attention == "packed" else None}
         if rank == 0:
-            print(f"layout {_key(u, r, shard_refiner, fa3, fuse)} done at {time.time() - t0:.1f}s", flush=True)
-            torch.save({"results": results, "info": info}, os.path.join(out_dir, _key(u, r, shard_refiner, fa3, fuse) + ".pt"))
+            print(f"layout {_key(*variant)} done at {time.time() - t0:.1f}s", flush=True)
+            torch.save({"results": results, "info": info}, os.path.join(out_dir, _key(*variant) + ".pt"))
         torch.distributed.destroy_process_group()
 
 
@@ -128,12 +145,15 @@ def reference(tiny_dir):
 def test_sp_matches_single_process(sp_results, reference, variant, case):
     got = sp_results[variant]["results"][case]
     info = sp_results[variant]["info"]
-    layout, shard_refiner, fa3, fuse = variant[:2], variant[2], variant[3], variant[4]
+    layout, shard_refiner, fa3, fuse, attention = variant[:2], variant[2], variant[3], variant[4], variant[5]
     assert (info["sp"]["ulysses_degree"], info["sp"]["ring_degree"]) == layout and info["backend"] == "gloo"
-    assert info["sp"]["attention"] == ("diffusers-ulysses" if layout[1] == 1 else "usp")
+    ours = layout[1] > 1 or attention == "packed"
+    assert info["sp"]["attention"] == ("usp" if ours else "diffusers-ulysses")
+    assert info["sp"]["ulysses_exchange"] == (None if layout[0] == 1 else "packed" if ours else "diffusers")
     assert info["sp"]["shards_noise_refiner"] == shard_refiner
+    assert info["packed_exchange_exact"] is (True if attention == "packed" else None)
     # what the build record says is what the processors run
-    local, sharded = ("fa3" if fa3 else "native"), ("ulysses" if layout[1] == 1 else "usp")
+    local, sharded = ("fa3" if fa3 else "native"), ("usp" if ours else "ulysses")
     expected = {"context_refiner": local, "noise_refiner": sharded if shard_refiner else local, "layers": sharded}
     assert info["attention"] == expected == info["installed_attention"]
     assert (info["fa3_calls"] > 0) == fa3
@@ -165,6 +185,12 @@ def test_layout_choice_and_clear_errors(tiny_dir):
         enable_sequence_parallel(t, 4, 1, ulysses_anything=True)
     with pytest.raises(ValueError, match="needs ring_degree 1"):
         enable_sequence_parallel(t, 2, 2, ulysses_anything=True)
+    with pytest.raises(ValueError, match="not with denoiser.sp_attention 'packed'"):
+        enable_sequence_parallel(t, 2, 1, ulysses_anything=True, attention="packed")
+    with pytest.raises(ValueError, match="denoiser.sp_attention: 'ring' is not one of"):
+        enable_sequence_parallel(t, 2, 1, attention="ring")
+    with pytest.raises(ValueError, match="sp_attention"):
+        DenoiserConfig(sp_attention="ring")
     assert enable_sequence_parallel(t, 1, 1).attention == "none"
 
 

@@ -52,13 +52,15 @@ class SPOptions:
     ring_degree: int = 1
     ulysses_anything: bool = False  # diffusers' Ulysses for head counts the degree does not divide
     shard_noise_refiner: bool = True
+    attention: str = "diffusers"  # `denoiser.sp_attention`: ring_degree 1 through diffusers' Ulysses or ours, "packed"
 
 
 @dataclass(frozen=True)
 class DiTBuild:
     """What `build_dit` applied. `attention` maps each block group to how its attention runs:
     "fa3", a diffusers backend name ("native" is SDPA), "ulysses" (diffusers' Ulysses through that
-    backend) or "usp" (our Ulysses x ring)."""
+    backend) or "usp" (our Ulysses x ring, q, k, v in one packed all-to-all; ring_degree 1 included under
+    `denoiser.sp_attention: packed`)."""
 
     attention: dict[str, str]
     real_rope: bool
@@ -66,7 +68,7 @@ class DiTBuild:
     fused_projections: bool  # Q/K/V and w1/w3 as one linear each (serve_app/engines/fused_projections.py)
     compile: bool
     compile_dynamic: bool
-    sp: dict | None  # ulysses_degree, ring_degree, attention, pads_sequence, shards_noise_refiner
+    sp: dict | None  # ulysses_degree, ring_degree, attention, ulysses_exchange, pads_sequence, shards_noise_refiner
     lora_max_rank: int | None = None  # LoRA side paths of this rank beside every linear (None: none)
     platform: dict = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
@@ -139,12 +141,13 @@ def build_dit(model_cfg: ModelConfig, cfg: DenoiserConfig, device: torch.device,
             raise ValueError(f"ulysses_degree {u} x ring_degree {r} != world size {sp.world_size}")
         info = enable_sequence_parallel(
             transformer, u, r, ulysses_anything=sp.ulysses_anything, shard_noise_refiner=sp.shard_noise_refiner, real_rope=cfg.real_rope,
+            attention=sp.attention,
         )
         sharded_kind = "usp" if info.attention == "usp" else "ulysses"
         for group in ("layers",) + (("noise_refiner",) if info.shards_noise_refiner else ()):
             attention[group] = sharded_kind
         sp_info = {"ulysses_degree": info.ulysses_degree, "ring_degree": info.ring_degree, "attention": info.attention,
-                   "pads_sequence": info.pads_sequence, "shards_noise_refiner": info.shards_noise_refiner}
+                   "ulysses_exchange": info.ulysses_exchange, "pads_sequence": info.pads_sequence, "shards_noise_refiner": info.shards_noise_refiner}
 
     # 3. fused projections: weights rewritten where they are loaded (the CPU when staged), before FP8
     if cfg.fuse_projections:

@@ -124,9 +124,20 @@ def _wait(t: torch.Tensor) -> torch.Tensor:
 
 def all_to_all_single(x: torch.Tensor, group) -> torch.Tensor:
     """Functional (Dynamo-traceable) even all-to-all over dim 0 of a flat tensor."""
+    return _wait(all_to_all_single_async(x, group))
+
+
+def all_to_all_single_async(x: torch.Tensor, group) -> torch.Tensor:
+    """`all_to_all_single`, issued and not waited: the result is in flight (on the collective's own
+    stream under NCCL) until `wait_collective` or its first use, so compute issued meanwhile overlaps it."""
     from torch.distributed import _functional_collectives as funcol
 
-    return _wait(funcol.all_to_all_single(x, None, None, group))
+    return funcol.all_to_all_single(x, None, None, group)
+
+
+def wait_collective(t: torch.Tensor) -> torch.Tensor:
+    """The result of a collective issued by `all_to_all_single_async`, once it has arrived."""
+    return _wait(t)
 
 
 def all_gather_dim0(x: torch.Tensor, group) -> torch.Tensor:

@@ -1,8 +1,13 @@
 """Ulysses x ring attention for Z-Image's sharded blocks (`ZImageUSPAttnProcessor`).
 
-Used whenever ring_degree > 1: the Ulysses all-to-all inside the Ulysses group,
-then attention over every ring rank's keys, the partial results merged by log-sum-exp. diffusers' own ring
-attention does not fit Z-Image (serve_app/sp/plan.py says why).
+Used whenever ring_degree > 1, and with `denoiser.sp_attention: packed` for ring_degree 1 too: the Ulysses
+all-to-all inside the Ulysses group, then attention over every ring rank's keys, the partial results merged
+by log-sum-exp. diffusers' own ring attention does not fit Z-Image (serve_app/sp/plan.py says why).
+
+The Ulysses exchange of q, k and v is one packed all-to-all (`start_seq_to_heads` / `finish_seq_to_heads`):
+one collective's latency instead of three, the same bytes, and issued without waiting, so that the key
+mask's all-gather is queued behind it rather than after three waited exchanges. Only data moves: the
+result is the one of three `seq_to_heads`, bit for bit.
 """
 
 from __future__ import annotations
@@ -13,7 +18,13 @@ import math
 import torch
 
 from serve_app.engines.attention_processor import apply_rotary_emb, apply_rotary_emb_complex, output_projection, rotated_qkv
-from serve_app.engines.library_internals import all_gather_dim0, all_to_all_single, attention_with_lse
+from serve_app.engines.library_internals import (
+    all_gather_dim0,
+    all_to_all_single,
+    all_to_all_single_async,
+    attention_with_lse,
+    wait_collective,
+)
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +35,25 @@ def seq_to_heads(x: torch.Tensor, group, n: int) -> torch.Tensor:
     x = x.reshape(b, s, n, h // n, d).permute(2, 1, 0, 3, 4).contiguous()  # [dst, S, B, h, D]
     x = all_to_all_single(x.flatten(), group).reshape(n, s, b, h // n, d)
     return x.flatten(0, 1).permute(1, 0, 2, 3).contiguous()  # src-rank chunks in order along S
+
+
+def start_seq_to_heads(tensors, group, n: int):
+    """Issue one all-to-all that moves each of `tensors` (all [B, S_local, H, D]) as `seq_to_heads` would;
+    returns the exchange in flight, for `finish_seq_to_heads`."""
+    b, s, h, d = tensors[0].shape
+    # [dst, tensor, S, B, h, D]: what each destination gets of every tensor is one contiguous chunk
+    x = torch.stack([t.reshape(b, s, n, h // n, d).permute(2, 1, 0, 3, 4) for t in tensors], dim=1)
+    return all_to_all_single_async(x.flatten(), group), (len(tensors), b, s, h // n, d)
+
+
+def finish_seq_to_heads(pending, n: int) -> tuple[torch.Tensor, ...]:
+    """Wait for a `start_seq_to_heads` exchange: each tensor [B, n*S_local, H/n, D], src-rank chunks in
+    order along S. Stored heads-major ([B, H/n, S, D] in memory), the layout attention kernels take, so
+    `partial_attention`'s transpose to it copies nothing."""
+    x, (m, b, s, h, d) = pending
+    x = wait_collective(x).reshape(n, m, s, b, h, d)
+    x = x.permute(1, 3, 4, 0, 2, 5).reshape(m, b, h, n * s, d)  # [tensor, B, h, src, S, D]: one copy for all
+    return x.transpose(2, 3).unbind(0)
 
 
 def heads_to_seq(x: torch.Tensor, group, n: int) -> torch.Tensor:
@@ -104,9 +134,10 @@ def usp_attention(q, k, v, key_mask, groups: "SPGroups", backend: str | None = N
     bool or None. Returns [B, S_local, H, D] in q's dtype."""
     u, r = groups.ulysses_degree, groups.ring_degree
     if u > 1:
-        q, k, v = (seq_to_heads(t, groups.ulysses, u) for t in (q, k, v))
-        if key_mask is not None:
+        pending = start_seq_to_heads((q, k, v), groups.ulysses, u)
+        if key_mask is not None:  # queued while the exchange is in flight
             key_mask = torch.cat(gather_chunks(key_mask[None], groups.ulysses, u), dim=-1)[0]
+        q, k, v = finish_seq_to_heads(pending, u)
     if r > 1:
         kv = gather_chunks(torch.stack([k, v]), groups.ring, r)  # allgather rotation, as diffusers does
         masks = gather_chunks(key_mask[None], groups.ring, r) if key_mask is not None else [None] * r

@@ -17,10 +17,12 @@ to one forward (every rank runs the same forward on the same inputs):
         on dim 1 (`ContextParallelGatherHook`); `unpatchify` reads only the leading image tokens, so the
         trailing pad never reaches the latents.
   attention in the main blocks:
-      - ring_degree == 1: diffusers' own Ulysses attention (all-to-all seq<->heads), any CP-capable backend
-        (`native`, `_native_cudnn`, `flash`, ...); the key mask is all-gathered by diffusers.
-      - ring_degree > 1: our `ZImageUSPAttnProcessor` (serve_app/sp/attention.py: Ulysses all-to-all inside the ulysses group, then
-        ring over the ring group, partial results merged by log-sum-exp). diffusers' ring does not fit
+      - ring_degree == 1 (`denoiser.sp_attention: diffusers`, the default): diffusers' own Ulysses
+        attention (all-to-all seq<->heads, three of them, q, k, v, each waited before the next), any
+        CP-capable backend (`native`, `_native_cudnn`, `flash`, ...); the key mask is all-gathered by diffusers.
+      - ring_degree > 1, or `sp_attention: packed`: our `ZImageUSPAttnProcessor` (serve_app/sp/attention.py:
+        q, k, v in one packed Ulysses all-to-all inside the ulysses group, issued async, then ring over the
+        ring group, partial results merged by log-sum-exp). diffusers' ring does not fit
         Z-Image here: its `native` forward op cannot return the LSE ("Native attention does not support
         return_lse=True"), no CP-capable backend returns an LSE on CPU (`_native_flash` has no CPU kernel,
         `_native_cudnn` is CUDA + half only, `_native_math` has no LSE), it passes the *local* key mask to
@@ -97,6 +99,8 @@ class SPInfo:
     pads_sequence: bool
     mesh: object = field(default=None, repr=False)
     shards_noise_refiner: bool = False
+    # how q, k, v cross the Ulysses group: "packed" (ours: one all-to-all), "diffusers" (three), None (ring only)
+    ulysses_exchange: str | None = None
 
 
 # ----------------------------------------------------------------------------- padding to the degree
@@ -158,6 +162,7 @@ def enable_sequence_parallel(
     ulysses_anything: bool = False,
     shard_noise_refiner: bool = False,
     real_rope: bool = True,
+    attention: str = "diffusers",
 ) -> SPInfo:
     """Shard `transformer`'s main blocks over the `ulysses_degree * ring_degree` ranks of the (initialised)
     default process group. Every rank must call this, and then run the same forwards on the same inputs;
@@ -165,7 +170,8 @@ def enable_sequence_parallel(
     refiners keep theirs (and their backend), the sharded blocks get diffusers' Ulysses through them or ours.
 
     `ulysses_anything`: diffusers' Ulysses for head counts the degree does not divide (ring_degree 1).
-    Attention in the sharded blocks: diffusers' Ulysses when ring_degree == 1, ours (USP) otherwise.
+    `attention` (`denoiser.sp_attention`): the sharded blocks' attention when ring_degree == 1, "diffusers"
+    (diffusers' Ulysses) or "packed" (ours, one packed all-to-all); ring_degree > 1 always runs ours.
     `real_rope`: our USP processors apply RoPE in real arithmetic, else as diffusers does.
     `shard_noise_refiner`: also shard the two noise-refiner blocks (image tokens only) at the cost of one
     all-gather per forward.
@@ -173,9 +179,13 @@ def enable_sequence_parallel(
     n = ulysses_degree * ring_degree
     if n == 1:
         return SPInfo(1, 1, "none", False)
-    use_usp = ring_degree > 1
-    if ulysses_anything and use_usp:
+    if attention not in ("diffusers", "packed"):
+        raise ValueError(f"denoiser.sp_attention: {attention!r} is not one of 'diffusers', 'packed'")
+    use_usp = ring_degree > 1 or attention == "packed"
+    if ulysses_anything and ring_degree > 1:
         raise ValueError("ulysses_anything is diffusers' Ulysses-only path: it needs ring_degree 1")
+    if ulysses_anything and use_usp:
+        raise ValueError("ulysses_anything is diffusers' Ulysses-only path: not with denoiser.sp_attention 'packed'")
     heads = transformer.config.n_heads
     if heads % ulysses_degree and not ulysses_anything:
         u, r = choose_layout(n, heads)
@@ -228,7 +238,8 @@ def enable_sequence_parallel(
         for block in sharded:
             block.register_forward_pre_hook(_make_pad_hook(n), with_kwargs=True)
     attention_kind = "usp" if use_usp else ("diffusers-ulysses-anything" if ulysses_anything else "diffusers-ulysses")
-    return SPInfo(ulysses_degree, ring_degree, attention_kind, pads, mesh, shard_noise_refiner)
+    exchange = None if ulysses_degree == 1 else ("packed" if use_usp else "diffusers")
+    return SPInfo(ulysses_degree, ring_degree, attention_kind, pads, mesh, shard_noise_refiner, exchange)
 
 
 def _gather_seq_hook(group, n: int):

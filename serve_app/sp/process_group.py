@@ -88,7 +88,7 @@ def broadcast_weights(module: torch.nn.Module) -> None:
 def sp_options(cfg: DenoiserConfig, **overrides) -> SPOptions:
     """This process's `SPOptions` for `cfg` over the default process group."""
     return SPOptions(world_size=dist.get_world_size(), ulysses_degree=cfg.ulysses_degree, ring_degree=cfg.ring_degree,
-                     shard_noise_refiner=cfg.sp_shard_noise_refiner, **overrides)
+                     shard_noise_refiner=cfg.sp_shard_noise_refiner, attention=cfg.sp_attention, **overrides)
 
 
 def sp_rank_info(engine) -> dict:
