@@ -24,17 +24,16 @@ LAYOUTS = [(2, 1), (3, 1), (2, 2), (6, 1), (3, 2), (1, 2)]
 # the same with the noise refiners sharded too: diffusers' Ulysses, Ulysses with a pad (32 image tokens
 # over 3 ranks), and our Ulysses x ring processor
 REFINER_LAYOUTS = [(2, 1), (3, 1), (2, 2)]
-# with fused projections (`denoiser.fuse_projections`): through diffusers' Ulysses and through ours;
-# and on a simulated Hopper with (reference) FA3: the unsharded refiners keep FA3, the sharded blocks
-# take diffusers' Ulysses or ours; run last in each process (the simulation is not undone)
 # our processor instead of diffusers' Ulysses at ring 1 (`denoiser.sp_attention: packed`): SP 2, and SP 3
-# with its pad (main blocks and noise refiners)
+# with its pad (main blocks and noise refiners); and on a simulated Hopper with (reference) FA3: the
+# unsharded refiners keep FA3, the sharded blocks take diffusers' Ulysses or ours; run last in each
+# process (the simulation is not undone). These four with fused projections (`denoiser.fuse_projections`,
+# the servers' default): through diffusers' Ulysses and through ours.
 # (ulysses, ring, shard_refiner, fa3, fuse, sp_attention)
 VARIANTS = ([(u, r, False, False, False, "diffusers") for u, r in LAYOUTS]
             + [(u, r, True, False, False, "diffusers") for u, r in REFINER_LAYOUTS]
-            + [(2, 1, False, False, False, "packed"), (3, 1, True, False, False, "packed")]
-            + [(2, 1, True, False, True, "diffusers"), (2, 2, False, False, True, "diffusers")]
-            + [(2, 1, True, True, False, "diffusers"), (2, 2, False, True, False, "diffusers")])
+            + [(2, 1, False, False, True, "packed"), (3, 1, True, False, True, "packed")]
+            + [(2, 1, True, True, True, "diffusers"), (2, 2, False, True, True, "diffusers")])
 NPROCS = max(u * r for u, r in LAYOUTS)
 
 
