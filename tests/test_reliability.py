@@ -176,12 +176,12 @@ def test_ready_stays_ready_at_twice_capacity(serve_app):
 def test_wedged_denoiser_turns_unready_then_recovers(serve_app, tiny_dir):
     from ray import serve
 
-    from serve_app.app import build_app
+    from tests.tiny_server import build_sharing
 
     # readiness off within 3 x (health_check_period_s + health_check_timeout_s) + health_refresh_s = 10 s here
     args = tiny_args(tiny_dir, denoiser_deployment={"health_check_period_s": 1.0, "health_check_timeout_s": 2.0},
                      server={"health_refresh_s": 1.0})
-    serve.run(build_app(args), name="wedge", route_prefix="/wedge")
+    serve.run(build_sharing(args, ("TextEncoder", "VaeDecoder")), name="wedge", route_prefix="/wedge")  # the root app's TE and VAE
     base = BASE + "/wedge"
     _wait(lambda: httpx.get(base + "/health/ready", timeout=10).status_code == 200, 240, "wedge app ready")
     pid = httpx.get(base + "/v1/stats", timeout=30).json()["denoiser"]["pid"]

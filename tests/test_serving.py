@@ -138,7 +138,8 @@ def test_overload_is_rejected_then_server_recovers(tiny_server, tiny_dir):
     args = tiny_args(tiny_dir, server={"max_inflight_images": 10, "request_timeout_s": 300},
                      text_encoder_deployment={"max_batch_size": 16, "batch_wait_timeout_s": 1.0},
                      denoiser_deployment={"max_batch_size": 2, "max_ongoing_requests": 2, "max_queued_requests": 1})
-    base = tiny_server.deploy("overload", "/overload", args)  # next to the root app, ready at its prefix
+    # next to the root app, ready at its prefix; the VAE is the root app's (this app's settings are elsewhere)
+    base = tiny_server.deploy("overload", "/overload", args, shared=("VaeDecoder",))
     bodies = [{"prompt": f"load {i}", "seed": i, "size": "512x512", "num_inference_steps": 40} for i in range(14)]
     with concurrent.futures.ThreadPoolExecutor(14) as pool:
         responses = list(pool.map(lambda b: _post(b, base=base), bodies))
@@ -211,17 +212,20 @@ def _timeout_then_free(base: str) -> None:
     assert r.status_code == 200
 
 
+SCALING_SHARES = ("TextEncoder", "VaeDecoder")  # the root app's: only the denoiser and the ingress are this app's
+
+
 def test_denoiser_autoscales_up_then_an_upgrade_downscales_without_losing_requests(tiny_server, tiny_dir):
     from ray import serve
 
-    from serve_app.app import build_app
+    from tests.tiny_server import build_sharing
 
     autoscaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "metrics_interval_s": 0.5,
                    "look_back_period_s": 1.0, "upscale_delay_s": 0.5, "downscale_delay_s": 2.0}
     args = tiny_args(tiny_dir, denoiser_deployment={"autoscaling_config": autoscaling, "max_batch_size": 1, "max_ongoing_requests": 2,
                                                     "max_queued_requests": 64, "batch_wait_timeout_s": 0.0},
                      server={"max_inflight_images": 64})
-    base = tiny_server.deploy("scaling", "/scaling", args)
+    base = tiny_server.deploy("scaling", "/scaling", args, shared=SCALING_SHARES)
 
     def replicas():
         dep = serve.status().applications["scaling"].deployments["Denoiser"]
@@ -247,8 +251,9 @@ def test_denoiser_autoscales_up_then_an_upgrade_downscales_without_losing_reques
         inflight = [pool.submit(_post, {"prompt": f"upgrade {i}", "size": "256x256", "num_inference_steps": 12, "seed": i}, base, 300)
                     for i in range(4)]
         wait_until(lambda: _stats(base)["ingress"]["inflight_images"] == 4, 60, "four in flight")
-        serve.run(build_app({**args, "server": {**args["server"], "max_inflight_images": 63},
-                             "denoiser_deployment": {**fixed, "num_replicas": 1}}), name="scaling", route_prefix="/scaling", blocking=False)
+        serve.run(build_sharing({**args, "server": {**args["server"], "max_inflight_images": 63},
+                                 "denoiser_deployment": {**fixed, "num_replicas": 1}}, SCALING_SHARES),
+                  name="scaling", route_prefix="/scaling", blocking=False)
         codes = [f.result().status_code for f in inflight]
     assert codes == [200] * 4, codes
     wait_until(lambda: replicas() == 1 and serve.status().applications["scaling"].status == "RUNNING", 120, "downscaled")

@@ -56,6 +56,38 @@ def wait_until(cond, timeout: float, what: str) -> None:
     raise AssertionError(f"never: {what}")
 
 
+ROOT_APP = "z-image"
+STAGE_NAMES = ("TextEncoder", "Denoiser", "VaeDecoder")
+
+
+def build_sharing(args: dict, shared: tuple[str, ...] = ()):
+    """`serve_app.app.build_app(args)`, except that the stages named in `shared` are the root app's
+    (handles to its deployments) instead of replicas of this app's own: a test of one stage's settings
+    starts that stage and an ingress, not four replicas. A shared stage's section of `args` must be the
+    root app's (the ingress validates requests with it)."""
+    from ray import serve
+
+    from serve_app.app import build_app, denoiser_options, deployment_options
+    from serve_app.config import AppConfig
+    from serve_app.deployments.denoiser import DenoiserDeployment
+    from serve_app.deployments.ingress import ImageIngress
+    from serve_app.deployments.text_encoder import TextEncoderDeployment
+    from serve_app.deployments.vae import VaeDecoderDeployment
+
+    if not shared:
+        return build_app(args)
+    assert set(shared) <= set(STAGE_NAMES), shared
+    cfg = AppConfig.model_validate(args)
+    as_dict = cfg.model_dump(mode="json")
+    own = {
+        "TextEncoder": lambda: TextEncoderDeployment.options(**deployment_options(cfg.text_encoder_deployment, "TextEncoder")).bind(as_dict),
+        "Denoiser": lambda: DenoiserDeployment.options(**denoiser_options(cfg.for_route(None))).bind(as_dict),
+        "VaeDecoder": lambda: VaeDecoderDeployment.options(**deployment_options(cfg.vae_deployment, "VaeDecoder")).bind(as_dict),
+    }
+    te, dn, vae = (serve.get_deployment_handle(n, app_name=ROOT_APP) if n in shared else own[n]() for n in STAGE_NAMES)
+    return ImageIngress.options(**deployment_options(cfg.ingress_deployment, "Ingress")).bind(te, dn, vae, as_dict)
+
+
 class TinyServe:
     """The shared instance: started on first use, stopped by `stop()` (own_ray, or the session's end)."""
 
@@ -85,53 +117,37 @@ class TinyServe:
         """The root app ("z-image" at "/"), deployed once and ready; returns its base URL."""
         self.start()
         if self.root_dir != str(tiny_dir):
-            self.deploy("z-image", "/", tiny_args(tiny_dir))
+            self.deploy(ROOT_APP, "/", tiny_args(tiny_dir))
             self.root_dir = str(tiny_dir)
         return BASE
 
-    def deploy(self, name: str, prefix: str, args: dict, ready: str = "/health/ready", timeout: float = 300) -> str:
+    def deploy(self, name: str, prefix: str, args: dict, ready: str = "/health/ready", timeout: float = 300,
+               shared: tuple[str, ...] = ()) -> str:
+        """Deploy (or redeploy) app `name` at `prefix` and wait until it is ready; `shared`: stages taken
+        from the root app (`build_sharing`)."""
         from ray import serve
 
-        from serve_app.app import build_app
-
         self.start()
-        serve.run(build_app(args), name=name, route_prefix=prefix, blocking=False)
+        serve.run(build_sharing(args, shared), name=name, route_prefix=prefix, blocking=False)
         base = BASE + prefix.rstrip("/")
         wait_until(lambda: httpx.get(base + ready, timeout=30).status_code == 200, timeout, f"{name} ready")
         return base
 
     @contextlib.contextmanager
-    def app(self, name: str, args: dict, **kwargs):
-        """An app of a test file's own next to the root one, at /<name>; deleted afterwards."""
+    def app(self, name: str, args: dict, shared: tuple[str, ...] = (), **kwargs):
+        """An app of a test file's own next to the root one, at /<name>; deleted afterwards. `shared`:
+        stages taken from the root app (`build_sharing`)."""
         from ray import serve
 
         try:
-            yield self.deploy(name, f"/{name}", args, **kwargs)
+            yield self.deploy(name, f"/{name}", args, shared=shared, **kwargs)
         finally:
             serve.delete(name)
 
-    @contextlib.contextmanager
     def front_door(self, name: str, args: dict):
-        """An ingress of its own at /<name> over the root app's stages (handles to its deployments), for a
-        file that tests ingress settings (`server`, `ingress_deployment`): one replica to start instead of
-        four. `args`' stage sections must be the root app's (the ingress validates requests with them)."""
-        from ray import serve
-
-        from serve_app.app import deployment_options
-        from serve_app.config import AppConfig
-        from serve_app.deployments.ingress import ImageIngress
-
-        self.start()
-        cfg = AppConfig.model_validate(args)
-        te, dn, vae = (serve.get_deployment_handle(n, app_name="z-image") for n in ("TextEncoder", "Denoiser", "VaeDecoder"))
-        serve.run(ImageIngress.options(**deployment_options(cfg.ingress_deployment, "Ingress")).bind(te, dn, vae, cfg.model_dump(mode="json")),
-                  name=name, route_prefix=f"/{name}", blocking=False)
-        base = f"{BASE}/{name}"
-        try:
-            wait_until(lambda: httpx.get(base + "/health/ready", timeout=30).status_code == 200, 300, f"{name} ready")
-            yield base
-        finally:
-            serve.delete(name)
+        """An ingress of its own at /<name> over all three of the root app's stages, for a file that tests
+        ingress settings (`server`, `ingress_deployment`): one replica to start instead of four."""
+        return self.app(name, args, shared=STAGE_NAMES)
 
     def stop(self) -> None:
         if not self.running:
