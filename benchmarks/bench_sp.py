@@ -147,7 +147,8 @@ def _worker(rank: int, args, runs: list[dict], ports: list[int], result_path: st
     if args.device == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(r["degree"] for r in runs)))
     model_cfg = ModelConfig(source=args.source, dtype=args.dtype, device=args.device)
-    den_cfg = DenoiserConfig(attention_backend=args.attention_backend, compile=args.compile, collective_timeout_s=args.timeout)
+    den_cfg = DenoiserConfig(attention_backend=args.attention_backend, compile=args.compile, collective_timeout_s=args.timeout,
+                             fp8=args.fp8, fuse_projections=args.fuse_projections)
     results: list[dict] = []
     reference = None
     for run, port in zip(runs, ports):
@@ -230,6 +231,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--denoise-repeats", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="regional torch.compile of the blocks (after the SP plan)")
+    p.add_argument("--fp8", action="store_true", help="FP8 linears in every rank (denoiser.fp8), as the FP8 servers run")
+    p.add_argument("--fuse-projections", action=argparse.BooleanOptionalAction, default=True,
+                   help="denoiser.fuse_projections (the servers' default without LoRA)")
     p.add_argument("--timeout", type=float, default=600.0, help="rendezvous / collective timeout, seconds")
     args = p.parse_args()
 

@@ -11,7 +11,7 @@ commit=$1; shift
 export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false NCCL_NVLS_ENABLE=0
 export GIT_COMMIT=$commit
 nvidia-smi --query-gpu=name,memory.total --format=csv > $OUT/gpus.txt
-for mode in ${MODES:-eager compiled}; do
+for mode in ${MODES-eager compiled}; do  # MODES="": the configs alone
   flag=""; [ "$mode" = compiled ] && flag=--compile
   timeout ${BENCH_TIMEOUT:-190} python benchmarks/bench_sp.py --out $OUT/sp-$mode.json --degrees ${DEGREES:-1,2} \
       --layouts ${LAYOUTS:-u2,u2+nr} $flag --repeats 8 --denoise-repeats 2 > $OUT/sp-$mode.log 2>&1

@@ -110,8 +110,8 @@ def test_a_batch_of_different_adapters_gives_each_its_own_image(pipe):
 def test_ranks_past_max_rank_are_refused(tiny_dir, lora_dir):
     from serve_app.engines.denoiser import DenoiserEngine
 
-    engine = DenoiserEngine(ModelConfig(source="tiny", tiny_dir=str(tiny_dir)), AppConfig().denoiser,
-                            lora=LoraConfig(enabled=True, dir=str(lora_dir), max_rank=10))
+    lora = LoraConfig(enabled=True, dir=str(lora_dir), max_rank=10)
+    engine = DenoiserEngine(ModelConfig(source="tiny", tiny_dir=str(tiny_dir)), AppConfig(lora=lora).denoiser, lora=lora)
     engine.check_adapters((("style-b", 1.0),))  # rank 8
     with pytest.raises(AdapterError, match="max_rank"):
         engine.check_adapters((("style-a", 1.0), ("style-b", 1.0)))  # 4 + 8 at the attention
