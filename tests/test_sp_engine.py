@@ -201,3 +201,20 @@ def test_same_caption_length_batches_never_need_a_mask():
     assert list(group_by_shape(reqs).values()) == [[0, 1, 2, 3, 4], [5]]
     # Z-Image pads captions to multiples of 32: 7 and 30 -> 32, 33 and 64 -> 64, 70 -> 96
     assert list(group_by_shape(reqs, same_caption_length=True).values()) == [[0, 1], [2, 3], [4], [5]]
+
+
+def test_masked_partial_attention_compiles_as_one_graph():
+    """The sharded blocks compile with fullgraph=True (a graph break fails them): a key-masked chunk,
+    one sample's keys all masked among them, must trace without a data-dependent branch and give the
+    eager result."""
+    from serve_app.sp.attention import partial_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 8, 2, 16, generator=g) for _ in range(3))
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    mask[0] = False  # this ring chunk holds none of sample 0's keys
+    mask[1, 5:] = False
+    compiled = torch.compile(lambda q, k, v, m: partial_attention(q, k, v, m, None), backend="eager", fullgraph=True)
+    (out, lse), (ref_out, ref_lse) = compiled(q, k, v, mask), partial_attention(q, k, v, mask, None)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    assert torch.isneginf(lse[0]).all() and (out[0] == 0).all()

@@ -114,10 +114,10 @@ def partial_attention(q, k, v, key_mask, backend: str | None):
         out, lse = _attention_lse_math(qt, kt, vt, bias)
     out, lse = out.float().transpose(1, 2), lse.float().transpose(1, 2)  # [B, Sq, H, D], [B, Sq, H]
     if key_mask is not None:
+        # unconditionally: a branch on `empty.any()` is data-dependent, which fails a fullgraph compile
         empty = ~key_mask.any(dim=-1)  # [B]
-        if bool(empty.any()):
-            lse = lse.masked_fill(empty[:, None, None], float("-inf"))
-            out = out.masked_fill(empty[:, None, None, None], 0.0)
+        lse = lse.masked_fill(empty[:, None, None], float("-inf"))
+        out = out.masked_fill(empty[:, None, None, None], 0.0)
     return out, lse
 
 
