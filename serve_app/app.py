@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 from ray.serve import Application
-from ray.serve.handle import DeploymentHandle
 
 from serve_app.config import AppConfig, DeploymentOptions
 from serve_app.deployments.denoiser import DenoiserDeployment
@@ -52,20 +51,13 @@ def denoiser_options(cfg: AppConfig, name: str = MAIN_DEPLOYMENT) -> dict[str, A
     return out
 
 
-def build_app(args: dict[str, Any] | None = None, stages: dict[str, DeploymentHandle] | None = None) -> Application:
-    """`stages`: handles, by deployment name ("TextEncoder", "Denoiser", "VaeDecoder"), to stages that run in
-    another application, taken instead of deploying this app's own: an ingress with its own server settings
-    over GPU stages already running (their sections of `args` must be theirs: requests are checked with them)."""
+def build_app(args: dict[str, Any] | None = None) -> Application:
     cfg = AppConfig.model_validate(args or {})
     as_dict = cfg.model_dump(mode="json")
-    stages = stages or {}
-    own = {
-        "TextEncoder": lambda: TextEncoderDeployment.options(**deployment_options(cfg.text_encoder_deployment, "TextEncoder")).bind(as_dict),
-        "Denoiser": lambda: DenoiserDeployment.options(**denoiser_options(cfg.for_route(None))).bind(as_dict),
-        "VaeDecoder": lambda: VaeDecoderDeployment.options(**deployment_options(cfg.vae_deployment, "VaeDecoder")).bind(as_dict),
-    }
-    te, dn, vae = (stages[name] if name in stages else bind() for name, bind in own.items())
+    te = TextEncoderDeployment.options(**deployment_options(cfg.text_encoder_deployment, "TextEncoder")).bind(as_dict)
+    dn = DenoiserDeployment.options(**denoiser_options(cfg.for_route(None))).bind(as_dict)
     # one deployment per size route, each with its own replicas (and SP placement group)
     routes = {r.name: DenoiserDeployment.options(**denoiser_options(cfg.for_route(r.name), r.deployment_name)).bind(as_dict, r.name)
               for r in cfg.denoiser_routes}
+    vae = VaeDecoderDeployment.options(**deployment_options(cfg.vae_deployment, "VaeDecoder")).bind(as_dict)
     return ImageIngress.options(**deployment_options(cfg.ingress_deployment, "Ingress")).bind(te, dn, vae, as_dict, denoiser_routes=routes)

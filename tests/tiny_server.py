@@ -61,15 +61,31 @@ STAGE_NAMES = ("TextEncoder", "Denoiser", "VaeDecoder")
 
 
 def build_sharing(args: dict, shared: tuple[str, ...] = ()):
-    """`serve_app.app.build_app(args)`, with the stages named in `shared` taken from the root app (handles to
-    its deployments) instead of replicas of this app's own: a test of one stage's settings starts that
-    stage and an ingress, not four replicas. A shared stage's section of `args` must be the root app's."""
+    """`serve_app.app.build_app(args)`, except that the stages named in `shared` are the root app's
+    (handles to its deployments) instead of replicas of this app's own: a test of one stage's settings
+    starts that stage and an ingress, not four replicas. A shared stage's section of `args` must be the
+    root app's (the ingress validates requests with it)."""
     from ray import serve
 
-    from serve_app.app import build_app
+    from serve_app.app import build_app, denoiser_options, deployment_options
+    from serve_app.config import AppConfig
+    from serve_app.deployments.denoiser import DenoiserDeployment
+    from serve_app.deployments.ingress import ImageIngress
+    from serve_app.deployments.text_encoder import TextEncoderDeployment
+    from serve_app.deployments.vae import VaeDecoderDeployment
 
+    if not shared:
+        return build_app(args)
     assert set(shared) <= set(STAGE_NAMES), shared
-    return build_app(args, {n: serve.get_deployment_handle(n, app_name=ROOT_APP) for n in shared})
+    cfg = AppConfig.model_validate(args)
+    as_dict = cfg.model_dump(mode="json")
+    own = {
+        "TextEncoder": lambda: TextEncoderDeployment.options(**deployment_options(cfg.text_encoder_deployment, "TextEncoder")).bind(as_dict),
+        "Denoiser": lambda: DenoiserDeployment.options(**denoiser_options(cfg.for_route(None))).bind(as_dict),
+        "VaeDecoder": lambda: VaeDecoderDeployment.options(**deployment_options(cfg.vae_deployment, "VaeDecoder")).bind(as_dict),
+    }
+    te, dn, vae = (serve.get_deployment_handle(n, app_name=ROOT_APP) if n in shared else own[n]() for n in STAGE_NAMES)
+    return ImageIngress.options(**deployment_options(cfg.ingress_deployment, "Ingress")).bind(te, dn, vae, as_dict)
 
 
 class TinyServe:

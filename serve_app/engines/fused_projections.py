@@ -19,9 +19,7 @@ import torch.nn.functional as F
 
 
 def concatenated_linear(*linears: torch.nn.Linear) -> torch.nn.Linear:
-    """One `nn.Linear` whose output is the outputs of `linears` (same input size) side by side. Ours, not
-    diffusers' `Attention.fuse_projections`: that one random-initialises the new linear before copying into
-    it and keeps the separate ones (a second copy of the weights), and has no form for the feed-forward."""
+    """One `nn.Linear` whose output is the outputs of `linears` (same input size) side by side."""
     first = linears[0]
     if any(lin.in_features != first.in_features or (lin.bias is None) != (first.bias is None) for lin in linears):
         raise ValueError("only linears of one input size, all with or all without a bias, can be concatenated")
