@@ -11,7 +11,9 @@ One device run, random-full weights (real architecture, random values), bf16, 10
      complex multiply instead of `serve_app.engines.attention_processor`'s real arithmetic (the default);
      `..._fused`: Q/K/V and w1/w3 as one linear each (`denoiser.fuse_projections`), also compared with the
      same variant unfused when that one ran first; with `--batch-size` S also a batch of 1 and of 4 at
-     S x S (per-image ratio);
+     S x S (per-image ratio); `..._graphs`: CUDA graphs of the forward at S x S (`denoiser.cuda_graph_max_pixels`
+     S², batches 1-4), captured as the warm-up does, then forward at batch 1 and 4 and the 8-step loop at
+     batch 1 and 4 with and without them on the same engine, and the latents' difference;
   5. the VAE decode for each of --vae-variants: `eager`, `compile` (static).
 Timing: CUDA-synchronised wall clock, warm-up first, median of --repeats. Writes JSON to --out after
 every part, so a run cut short keeps what it measured.
@@ -19,6 +21,10 @@ every part, so a run cut short keeps what it measured.
   python benchmarks/bench_stages.py --out $OUT/stages.json --skip-diffusers --te-graph \
       --variants compile,compile_static,fp8_compile_static --batch-size 512 --profile-variants compile \
       --vae-variants eager,compile
+
+  DiT CUDA graphs at 512² against the same engine without them, and 1024² against the variant without:
+  python benchmarks/bench_stages.py --out $OUT/stages-graphs.json --skip-diffusers --skip-pipeline \
+      --variants fp8_compile_fa3_fused,fp8_compile_fa3_fused_graphs --batch-size 512 --vae-variants ""
 
   fused projections on and off (one call; FP8 + FA3 compiled, 1024² and 512² batch 1 / 4):
   python benchmarks/bench_stages.py --out $OUT/stages-fused.json --skip-diffusers --skip-pipeline \
@@ -228,6 +234,45 @@ def main():
         return {"rel_l2": ((o - ref).norm() / ref.norm()).item(), "max_abs_diff": (o - ref).abs().max().item(),
                 "cosine": torch.nn.functional.cosine_similarity(o.flatten(), ref.flatten(), dim=0).item()}
 
+    def graph_trial(engine: DenoiserEngine, px: int) -> dict:
+        """The engine's CUDA graphs at px x px against its model on the same weights: capture (as the
+        warm-up does), forward at batch 1 and 4, the 8-step loop at batch 1 and 4, the latents' difference."""
+        t0 = time.perf_counter()
+        engine.warmup([(px, px)], steps=1, batch=2)
+        sync()
+        out = {"warmup_with_capture_s": time.perf_counter() - t0, "captured": engine.info()["cuda_graphs"],
+               "caption_tokens": emb.shape[0]}
+        for batch in (1, 4):
+            lat = torch.randn(batch, 16, 1, px // 8, px // 8, device=args.device, dtype=dtype)
+            t = torch.full((batch,), 0.5, device=args.device)
+
+            def fwd(graphed: bool):
+                def run():
+                    with torch.no_grad():
+                        if graphed:
+                            return engine.forward(lat, t, [emb.to(dtype)] * batch)
+                        return engine.transformer(list(lat.unbind(0)), t, [emb.to(dtype)] * batch, return_dict=False)[0]
+                return run
+
+            before = engine.stats()["graph_forwards"]
+            out[f"forward_batch{batch}"] = {"model": timed(fwd(False), 20, warmup=3), "graph": timed(fwd(True), 20, warmup=3)}
+            out[f"forward_batch{batch}"]["graph_forwards"] = engine.stats()["graph_forwards"] - before
+            reqs = [DenoiseRequest(embeds=emb, height=px, width=px, steps=steps, seed=i) for i in range(batch)]
+            graphs = engine.graphs
+            engine.graphs = None
+            model_t, model_lat = timed(lambda: engine.denoise(reqs), 5), engine.denoise(reqs)
+            engine.graphs = graphs
+            before = engine.stats()["graph_forwards"]
+            graph_t, graph_lat = timed(lambda: engine.denoise(reqs), 5), engine.denoise(reqs)
+            a, b = torch.stack(graph_lat).float(), torch.stack(model_lat).float()
+            out[f"denoise_{steps}_steps_batch{batch}"] = {
+                "model": model_t, "graph": graph_t, "graph_forwards": engine.stats()["graph_forwards"] - before,
+                "latents_graph_vs_model": {**compare(a, b), "identical": bool(torch.equal(a, b))}}
+            log(f"  graphs {px}² batch {batch}: forward {out[f'forward_batch{batch}']['model']['median_s']*1000:.1f} -> "
+                f"{out[f'forward_batch{batch}']['graph']['median_s']*1000:.1f} ms, {steps} steps {model_t['median_s']*1000:.0f} -> "
+                f"{graph_t['median_s']*1000:.0f} ms, latents {out[f'denoise_{steps}_steps_batch{batch}']['latents_graph_vs_model']}")
+        return out
+
     ref_out = fixed_forward(dn)  # the eager bf16 DiT: what every variant is compared with
     outputs: dict[str, torch.Tensor] = {}  # each variant's fixed forward, for `..._fused` against its unfused one
     for variant in [v for v in args.variants.split(",") if v]:
@@ -239,6 +284,8 @@ def main():
             fp8="fp8" in toks,
             real_rope="cplxrope" not in toks,
             fuse_projections="fused" in toks,
+            cuda_graph_max_pixels=(args.batch_size or 512) ** 2 if "graphs" in toks else None,
+            cuda_graph_max_batch=4,
             attention_backend={"cudnn": "_native_cudnn", "flash": "_native_flash", "fa3": "_flash_3"}.get(
                 next((b for b in ("cudnn", "flash", "fa3") if b in toks), ""), "native"
             ),
@@ -268,6 +315,8 @@ def main():
                 b4 = timed(forward_fn(engine, 4, bs), 5, warmup=2)
                 r[f"forward_{bs}"] = {"batch1": b1, "batch4": b4,
                                       "per_image_speedup_batch4": 4 * b1["median_s"] / b4["median_s"]}
+            if engine.graphs is not None:
+                r["graphs"] = graph_trial(engine, args.batch_size or 512)
             if variant in args.profile_variants.split(","):
                 from torch.profiler import ProfilerActivity, profile
 

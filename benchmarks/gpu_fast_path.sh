@@ -7,7 +7,8 @@
 #   bf16  the same without FP8 (pipeline and server only: diffusers is the same as in fp8); bf16srv: its server part
 #   b512  the FP8 server at 512², c=32, one fresh server for each of B512_RUNS (default "4 1 8"): 4 = DiT
 #         batches as configured (max_batch_pixels 1024²: fours), 1 = every stage at max_batch_size 1,
-#         8 = DiT batches of up to 8 (max_batch_pixels raised to 2 x 1024²)
+#         8 = DiT batches of up to 8 (max_batch_pixels raised to 2 x 1024²), g / G = as 4 with CUDA graphs of the
+#         forwards of images up to 512² (denoiser.cuda_graph_max_pixels) at batch 1 / batches 1-4
 #   b1024 the FP8 server at 1024², c=20, DiT batches of up to 2 (max_batch_pixels 2 x 1024²): against fp8srv
 #   tput  fp8srv with Ray Serve's throughput-optimized mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1: gRPC between
 #         replicas, direct ingress, user code on the replica's event loop)
@@ -17,6 +18,9 @@
 #         compile cache, then the same server restarted on that cache
 #   stages  engine level (bench_stages.py): compiled DiT bf16 and FP8 with RoPE in real arithmetic vs
 #         diffusers' complex multiply (+ profiles), text encoder, VAE compile
+#   graphs  engine level (bench_stages.py): FP8 + FA3 + fused DiT with and without CUDA graphs at 512² (forward
+#         and 8-step loop at batch 1 and 4, latents vs the uncaptured model), 1024² against the variant without
+# CACHE_DIR=<folder>: every part compiles into (and reuses) that compile cache
 # Run from the repository root on the device, after the line bundle.sh prints (and, for FlashAttention-3,
 # with the fa3-fwd wheel's files unpacked into the same site folder).
 set -u
@@ -26,7 +30,8 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 CFG=configs/random-full-1gpu.yaml
-COMMON=(--config $CFG --output-format jpeg --commit "$COMMIT" --ray-logs)  # replica logs into each part's log
+COMMON=(--config $CFG --output-format jpeg --commit "$COMMIT" --ray-logs  # replica logs into each part's log
+        ${CACHE_DIR:+--set model.compile_cache_dir=$CACHE_DIR})
 B512=(--only server --size 512x512 --c1-requests 8 --cn-requests 96 --concurrency 32 --cn-warmup 16
       --set 'denoiser.warmup_sizes=[[512,512]]' --set denoiser.fp8=true
       --set denoiser_deployment.max_ongoing_requests=16 --set text_encoder_deployment.max_ongoing_requests=64)
@@ -53,6 +58,11 @@ for p in $PARTS; do
             --variants compile_static,compile_static_cplxrope,fp8_compile_static,fp8_compile_static_cplxrope \
             --profile-variants compile_static,compile_static_cplxrope --vae-variants compile > "$OUT/stages.log" 2>&1
           echo "rc=$?"; tail -n 25 "$OUT/stages.log" ;;
+    graphs) echo "=== graphs (limit 240s) $(date +%T)"
+          timeout 240 python benchmarks/bench_stages.py --out "$OUT/stages-graphs.json" --skip-diffusers --skip-pipeline \
+            --variants fp8_compile_fa3_fused,fp8_compile_fa3_fused_graphs --batch-size 512 --vae-variants "" \
+            ${CACHE_DIR:+--compile-cache-dir $CACHE_DIR} > "$OUT/stages-graphs.log" 2>&1
+          echo "rc=$?"; grep -E "graphs|fp8_compile|failed" "$OUT/stages-graphs.log" | tail -n 12 ;;
     fp8) part fp8 340 "${COMMON[@]}" --set denoiser.fp8=true --runs 4 --warmup 1 --c1-requests 8 --cn-requests 40 --label "fp8 + vae compile" ;;
     fp8srv) part fp8-server 220 "${COMMON[@]}" --only server --set denoiser.fp8=true --c1-requests 8 --cn-requests 40 --label "fp8 + vae compile, server" ;;
     bf16srv) part bf16-server 170 "${COMMON[@]}" --only server --c1-requests 8 --cn-requests 30 --label "bf16 + vae compile, server" ;;
@@ -64,6 +74,10 @@ for p in $PARTS; do
               4) part b512-batch4-$n 170 "${COMMON[@]}" "${B512[@]}" --label "512 fp8, DiT batches as configured (4 at 512²)" ;;
               1) part b512-batch1-$n 170 "${COMMON[@]}" "${B512[@]}" --label "512 fp8, every stage batch 1" \
                    --set denoiser_deployment.max_batch_size=1 --set text_encoder_deployment.max_batch_size=1 --set vae_deployment.max_batch_size=1 ;;
+              g) part b512-graphs-$n 170 "${COMMON[@]}" "${B512[@]}" --label "512 fp8, DiT batches as configured, CUDA graphs up to 512² at batch 1" \
+                   --set denoiser.cuda_graph_max_pixels=262144 ;;
+              G) part b512-graphs4-$n 170 "${COMMON[@]}" "${B512[@]}" --label "512 fp8, DiT batches as configured, CUDA graphs up to 512² at batches 1-4" \
+                   --set denoiser.cuda_graph_max_pixels=262144 --set denoiser.cuda_graph_max_batch=4 ;;
               8) part b512-batch8-$n 170 "${COMMON[@]}" "${B512[@]}" --label "512 fp8, DiT batches up to 8" --set denoiser_deployment.max_batch_size=8 \
                    --set denoiser.max_batch_pixels=2097152 ;;
             esac

@@ -111,10 +111,23 @@ class DenoiserConfig(_Strict):
     # a DiT batch running longer than this counts as wedged: the replica's health check fails, so
     # /health/ready turns 503 and Serve replaces the replica (serve_app/health.py)
     max_batch_s: float = Field(600.0, gt=0)
+    # CUDA graphs of the DiT forward for warm-up sizes of at most this many pixels, where a batch-1 forward
+    # is bound by kernel launches (serve_app/engines/dit_graphs.py; benchmarks/README.md, "DiT CUDA graphs
+    # for small sizes"): captured at start for batches 1..cuda_graph_max_batch and every caption length up
+    # to 512 tokens padded to 32; other forwards run as without. None: off. One GPU, no LoRA.
+    cuda_graph_max_pixels: int | None = Field(None, ge=1)
+    cuda_graph_max_batch: int = Field(1, ge=1, le=8)
 
     @property
     def sp_degree(self) -> int:
         return self.ulysses_degree * self.ring_degree
+
+    @model_validator(mode="after")
+    def _graphs_on_one_gpu(self) -> "DenoiserConfig":
+        # an SP forward runs collectives and split hooks inside it
+        if self.cuda_graph_max_pixels is not None and self.sp_degree > 1:
+            raise ValueError("denoiser.cuda_graph_max_pixels: not with ulysses_degree x ring_degree > 1")
+        return self
 
 
 class LoraConfig(_Strict):
@@ -442,6 +455,8 @@ class AppConfig(_Strict):
             # adapters are named by the separate linears (to_q, w1, ...), each with a side path of its own
             problems.append("denoiser.fuse_projections: not with lora.enabled (LoRA adapts to_q/to_k/to_v, w1/w3 "
                             "separately); turn one of them off")
+        if self.lora.enabled and self.denoiser.cuda_graph_max_pixels is not None:
+            problems.append("denoiser.cuda_graph_max_pixels: not with lora.enabled (no graph is captured beside the side paths)")
         if problems:
             raise ValueError("\n".join(problems))
         return self

@@ -32,6 +32,7 @@ from serve_app.engines.compile_cache import use_compile_cache
 from serve_app.engines.devices import placement
 from serve_app.engines.dit_positions import CAPTION_PAD, PIXELS_PER_LATENT_PATCH, position_limits
 from serve_app.engines.dit_builder import SPOptions, build_dit
+from serve_app.engines.dit_graphs import MAX_CAPTION_TOKENS, DiTGraphs, caption_buckets
 from serve_app.engines.lora import AdapterError, LoraAdapters, side_paths
 from serve_app.engines.model_sources import load_scheduler_config, lora_folder
 from serve_app.engines.previews import LatentRGB, x0_estimate
@@ -126,10 +127,12 @@ class DenoiserStats:
         self.requests = 0
         self.forward_batch_sizes: collections.Counter = collections.Counter()
         self.mixed_shape_forwards = 0  # forwards given inputs of more than one latent shape (must stay 0)
+        self.graph_forwards = 0  # forwards replayed from a CUDA graph (serve_app/engines/dit_graphs.py)
 
-    def record_forward(self, latent_shapes: set[tuple], forward_batch: int) -> None:
+    def record_forward(self, latent_shapes: set[tuple], forward_batch: int, graphed: bool = False) -> None:
         with self._lock:
             self.forwards += 1
+            self.graph_forwards += graphed
             self.forward_batch_sizes[forward_batch] += 1
             self.mixed_shape_forwards += len(latent_shapes) > 1
 
@@ -146,6 +149,7 @@ class DenoiserStats:
                 "requests": self.requests,
                 "forward_batch_sizes": {str(k): v for k, v in sorted(self.forward_batch_sizes.items())},
                 "mixed_shape_forwards": self.mixed_shape_forwards,
+                "graph_forwards": self.graph_forwards,
             }
 
 
@@ -170,6 +174,9 @@ class DenoiserEngine:
         self.position_limits = position_limits(dict(self.transformer.config))
         self._stats = DenoiserStats()
         self.same_caption_length_batches = self.build.sp is not None and cfg.sp_same_caption_length_batches
+        # CUDA graphs of the small sizes' forwards, captured by warmup() (one GPU; not beside LoRA side paths)
+        self.graphs = (DiTGraphs(self.transformer) if cfg.cuda_graph_max_pixels and self.device.type == "cuda"
+                       and self.build.sp is None and self.lora is None else None)
 
     def stats(self) -> dict:
         return {**self._stats.snapshot(), **({"lora": self.lora.stats()} if self.lora is not None else {})}
@@ -192,7 +199,17 @@ class DenoiserEngine:
             self.lora.check(tuple(adapters))
 
     def info(self) -> dict:
-        return {**self.build.as_dict(), "device": str(self.device), "compile_cache_dir": self.compile_cache_dir}
+        return {**self.build.as_dict(), "device": str(self.device), "compile_cache_dir": self.compile_cache_dir,
+                "cuda_graphs": None if self.graphs is None else self.graphs.snapshot()}
+
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, embeds: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One DiT forward of latents [B, C, 1, h, w]: [C, 1, h, w] per item, through a captured graph where
+        the batch's bucket has one, else through the model."""
+        out = self.graphs.forward(latents, timestep, embeds) if self.graphs is not None else None
+        self._stats.record_forward({tuple(latents.shape[1:])}, latents.shape[0], graphed=out is not None)
+        if out is None:
+            out = self.transformer(list(latents.unbind(dim=0)), timestep, embeds, return_dict=False)[0]
+        return out
 
     def check_health(self) -> None:
         """Nothing to check beyond this process being alive (Serve's own health check covers that); an SP
@@ -310,9 +327,7 @@ class DenoiserEngine:
             if cfg_idx:
                 latent_in = torch.cat([latent_in, latent_in[cfg_idx]])
                 timestep = torch.cat([timestep, timestep[cfg_idx]])
-            latent_list = list(latent_in.unsqueeze(2).unbind(dim=0))
-            self._stats.record_forward({tuple(x.shape) for x in latent_list}, len(latent_list))
-            model_out = self.transformer(latent_list, timestep, embeds, return_dict=False)[0]
+            model_out = self.forward(latent_in.unsqueeze(2), timestep, embeds)
             preds = [o.float() for o in model_out[:n]]
             for j, i in enumerate(cfg_idx):
                 pos, neg = preds[i], model_out[n + j].float()
@@ -342,3 +357,13 @@ class DenoiserEngine:
             self.denoise([DenoiseRequest(embeds=torch.zeros(16, self.cap_feat_dim), height=h, width=w, steps=steps, seed=0)])
             for lengths in pairs if batch > 1 else []:
                 self.denoise([DenoiseRequest(embeds=torch.zeros(n, self.cap_feat_dim), height=h, width=w, steps=steps, seed=0) for n in lengths])
+        for h, w in self.graph_sizes(sizes):
+            latent_shape = (self.in_channels, 1, 2 * (h // PIXELS_PER_LATENT_PATCH), 2 * (w // PIXELS_PER_LATENT_PATCH))
+            for b in range(1, self.cfg.cuda_graph_max_batch + 1):
+                self.graphs.capture(b, latent_shape, self.dtype, caption_buckets(min(MAX_CAPTION_TOKENS, self.position_limits[0])))
+
+    def graph_sizes(self, sizes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The warm-up sizes whose forwards get CUDA graphs: those of at most `cuda_graph_max_pixels`."""
+        if self.graphs is None:
+            return []
+        return [(h, w) for h, w in sizes if h * w <= self.cfg.cuda_graph_max_pixels]
