@@ -7,8 +7,8 @@
 #   bf16  the same without FP8 (pipeline and server only: diffusers is the same as in fp8); bf16srv: its server part
 #   b512  the FP8 server at 512², c=32, one fresh server for each of B512_RUNS (default "4 1 8"): 4 = DiT
 #         batches as configured (max_batch_pixels 1024²: fours), 1 = every stage at max_batch_size 1,
-#         8 = DiT batches of up to 8 (max_batch_pixels raised to 2 x 1024²), g / G = as 4 with CUDA graphs of the
-#         forwards of images up to 512² (denoiser.cuda_graph_max_pixels) at batch 1 / batches 1-4
+#         8 = DiT batches of up to 8 (max_batch_pixels raised to 2 x 1024²), u = as 4 without the config's CUDA
+#         graphs (denoiser.cuda_graph_max_pixels: the 512² forwards at batch 1), G = as 4 with graphs at batches 1-4
 #   b1024 the FP8 server at 1024², c=20, DiT batches of up to 2 (max_batch_pixels 2 x 1024²): against fp8srv
 #   tput  fp8srv with Ray Serve's throughput-optimized mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1: gRPC between
 #         replicas, direct ingress, user code on the replica's event loop)
@@ -74,8 +74,8 @@ for p in $PARTS; do
               4) part b512-batch4-$n 170 "${COMMON[@]}" "${B512[@]}" --label "512 fp8, DiT batches as configured (4 at 512²)" ;;
               1) part b512-batch1-$n 170 "${COMMON[@]}" "${B512[@]}" --label "512 fp8, every stage batch 1" \
                    --set denoiser_deployment.max_batch_size=1 --set text_encoder_deployment.max_batch_size=1 --set vae_deployment.max_batch_size=1 ;;
-              g) part b512-graphs-$n 170 "${COMMON[@]}" "${B512[@]}" --label "512 fp8, DiT batches as configured, CUDA graphs up to 512² at batch 1" \
-                   --set denoiser.cuda_graph_max_pixels=262144 ;;
+              u) part b512-nographs-$n 170 "${COMMON[@]}" "${B512[@]}" --label "512 fp8, DiT batches as configured, no CUDA graphs" \
+                   --set denoiser.cuda_graph_max_pixels=null ;;
               G) part b512-graphs4-$n 170 "${COMMON[@]}" "${B512[@]}" --label "512 fp8, DiT batches as configured, CUDA graphs up to 512² at batches 1-4" \
                    --set denoiser.cuda_graph_max_pixels=262144 --set denoiser.cuda_graph_max_batch=4 ;;
               8) part b512-batch8-$n 170 "${COMMON[@]}" "${B512[@]}" --label "512 fp8, DiT batches up to 8" --set denoiser_deployment.max_batch_size=8 \

@@ -1,8 +1,8 @@
 """CUDA graphs of one DiT forward for small images (`denoiser.cuda_graph_max_pixels`).
 
-At 512² batch 1 a compiled FP8 forward is ~18 ms of GPU work that the CPU needs ~30 ms to launch, so the
-DiT there is bound by launches; a graph replays the whole forward with one (at 1024² the forward is
-GPU-bound and a graph gained nothing: benchmarks/README.md, "CUDA graphs of the whole DiT forward").
+At 512² batch 1 the CPU takes longer to launch a compiled forward's kernels than the GPU takes to run them;
+a graph replays the whole forward with one launch (benchmarks/README.md, "DiT CUDA graphs for small sizes";
+at 1024² the forward is GPU-bound and a graph gained nothing: "CUDA graphs of the whole DiT forward").
 
 A graph needs fixed shapes, and the forward's follow each caption's length. Z-Image pads a caption to a
 multiple of 32 tokens with a learned pad token that the image attends to, so captions are padded to that
