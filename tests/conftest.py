@@ -40,16 +40,10 @@ def own_ray():
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """Files that use the shared server run first, then the files that start a Ray of their own, then the
-    rest; each file's tests kept together and in order. So the shared server starts once per process and
-    is stopped (by `own_ray`) before any file that needs a Ray of its own, also under pytest-xdist, whose
-    workers take whole files (`--dist loadfile`) in this order."""
-    group: dict[str, int] = {}
-    for item in items:
-        names = item.fixturenames
-        kind = 0 if "tiny_server" in names else 1 if "own_ray" in names else 2
-        group[item.module.__name__] = min(kind, group.get(item.module.__name__, 2))
-    items.sort(key=lambda item: group[item.module.__name__])  # stable: file order kept within each group
+    """Files that use the shared server run first, each file's tests kept together and in order, so that
+    it starts once and is stopped (by `own_ray`) before any file that needs a Ray of its own."""
+    shared = {item.module.__name__ for item in items if "tiny_server" in item.fixturenames}
+    items.sort(key=lambda item: item.module.__name__ not in shared)  # stable: file order kept within each group
 
 
 def pytest_sessionfinish(session, exitstatus):

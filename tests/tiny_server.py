@@ -17,11 +17,9 @@ from pathlib import Path
 import httpx
 
 # TINY_SERVER_PORT / TINY_SERVER_METRICS_PORT: for test sessions that run side by side on one machine
-# (Serve's proxy binds with SO_REUSEPORT: two sessions on one port would answer each other's requests);
-# pytest-xdist's workers (gw0, gw1, ...) each run a shared server of their own, on ports of their own
-_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
-PORT = int(os.environ.get("TINY_SERVER_PORT", 18321)) + 10 * _WORKER
-METRICS_PORT = int(os.environ.get("TINY_SERVER_METRICS_PORT", 19321)) + 10 * _WORKER  # Ray's Prometheus endpoint (tests/test_ops.py reads it)
+# (Serve's proxy binds with SO_REUSEPORT: two sessions on one port would answer each other's requests)
+PORT = int(os.environ.get("TINY_SERVER_PORT", 18321))
+METRICS_PORT = int(os.environ.get("TINY_SERVER_METRICS_PORT", 19321))  # Ray's Prometheus endpoint (tests/test_ops.py reads it)
 BASE = f"http://127.0.0.1:{PORT}"
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,9 +104,6 @@ class TinyServe:
         # short autoscaling metric intervals, so that scaling is observable in seconds (tests/test_serving.py)
         os.environ["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
         os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
-        # Serve's controller loop every 0.5 s instead of 0.1 s: an idle cluster with the root app took 7.8 CPU-s
-        # per 30 s, 6.5 with it (the suite is CPU-bound on a 2-core runner, and xdist runs two of these)
-        os.environ.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.5")
         from serve_app.request_ids import PROXY_ENV
 
         os.environ.update(PROXY_ENV)  # the proxy checks clients' X-Request-Id (serve_app/request_ids.py)
