@@ -52,12 +52,23 @@ def denoiser_options(cfg: AppConfig, name: str = MAIN_DEPLOYMENT) -> dict[str, A
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
-    cfg = AppConfig.model_validate(args or {})
+    """What `serve run` calls (Ray Serve takes a builder of exactly one parameter)."""
+    return bind_app(AppConfig.model_validate(args or {}))
+
+
+def bind_app(cfg: AppConfig, stages: dict[str, Any] | None = None) -> Application:
+    """The ingress bound to its stages: `stages` maps a stage's deployment name ("TextEncoder", "Denoiser",
+    "VaeDecoder") to a handle of one that runs elsewhere, used instead of this app's own; None: all its own."""
+    stages = stages or {}
     as_dict = cfg.model_dump(mode="json")
-    te = TextEncoderDeployment.options(**deployment_options(cfg.text_encoder_deployment, "TextEncoder")).bind(as_dict)
-    dn = DenoiserDeployment.options(**denoiser_options(cfg.for_route(None))).bind(as_dict)
+
+    def own(name: str, bind):
+        return stages[name] if name in stages else bind()
+
+    te = own("TextEncoder", lambda: TextEncoderDeployment.options(**deployment_options(cfg.text_encoder_deployment, "TextEncoder")).bind(as_dict))
+    dn = own(MAIN_DEPLOYMENT, lambda: DenoiserDeployment.options(**denoiser_options(cfg.for_route(None))).bind(as_dict))
     # one deployment per size route, each with its own replicas (and SP placement group)
     routes = {r.name: DenoiserDeployment.options(**denoiser_options(cfg.for_route(r.name), r.deployment_name)).bind(as_dict, r.name)
               for r in cfg.denoiser_routes}
-    vae = VaeDecoderDeployment.options(**deployment_options(cfg.vae_deployment, "VaeDecoder")).bind(as_dict)
+    vae = own("VaeDecoder", lambda: VaeDecoderDeployment.options(**deployment_options(cfg.vae_deployment, "VaeDecoder")).bind(as_dict))
     return ImageIngress.options(**deployment_options(cfg.ingress_deployment, "Ingress")).bind(te, dn, vae, as_dict, denoiser_routes=routes)

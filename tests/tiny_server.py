@@ -67,25 +67,11 @@ def build_sharing(args: dict, shared: tuple[str, ...] = ()):
     root app's (the ingress validates requests with it)."""
     from ray import serve
 
-    from serve_app.app import build_app, denoiser_options, deployment_options
+    from serve_app.app import bind_app
     from serve_app.config import AppConfig
-    from serve_app.deployments.denoiser import DenoiserDeployment
-    from serve_app.deployments.ingress import ImageIngress
-    from serve_app.deployments.text_encoder import TextEncoderDeployment
-    from serve_app.deployments.vae import VaeDecoderDeployment
 
-    if not shared:
-        return build_app(args)
     assert set(shared) <= set(STAGE_NAMES), shared
-    cfg = AppConfig.model_validate(args)
-    as_dict = cfg.model_dump(mode="json")
-    own = {
-        "TextEncoder": lambda: TextEncoderDeployment.options(**deployment_options(cfg.text_encoder_deployment, "TextEncoder")).bind(as_dict),
-        "Denoiser": lambda: DenoiserDeployment.options(**denoiser_options(cfg.for_route(None))).bind(as_dict),
-        "VaeDecoder": lambda: VaeDecoderDeployment.options(**deployment_options(cfg.vae_deployment, "VaeDecoder")).bind(as_dict),
-    }
-    te, dn, vae = (serve.get_deployment_handle(n, app_name=ROOT_APP) if n in shared else own[n]() for n in STAGE_NAMES)
-    return ImageIngress.options(**deployment_options(cfg.ingress_deployment, "Ingress")).bind(te, dn, vae, as_dict)
+    return bind_app(AppConfig.model_validate(args), {n: serve.get_deployment_handle(n, app_name=ROOT_APP) for n in shared})
 
 
 class TinyServe:
