@@ -1,11 +1,13 @@
 """The Serve app with a sequence-parallel DiT, over real HTTP on a real local Ray cluster with pretend
 GPUs (`num_gpus=4`; torch is CPU-only here, so every rank falls back to CPU + gloo), tiny model.
 
+- An SP 4 group (ulysses 2 x ring 2, from the tiny model's 6 heads) of rank actors in a STRICT_PACK
+  placement group of {"CPU": 1, "GPU": 1} bundles, held directly (no Serve): each rank its own pretend
+  GPU, gloo, the single-process engine's latents for a masked batch, health checks. (A serving case of
+  its own would run the same replica code with more bundles, for a minute of CI; tests/test_sp_engine.py
+  checks the SP 4 arithmetic with key masks.)
 - SP 2 (ulysses 2) answers `POST /v1/images/generations` with the SP 1 image, alone and in a batch of
-  concurrent requests with different prompt lengths. (SP 4, ulysses 2 x ring 2, runs the same replica
-  code with more bundles: tests/test_sp_group.py holds its group in a placement group, and
-  tests/test_sp_engine.py checks its arithmetic with key masks; a serving case of its own cost a minute
-  of CI for nothing either misses.)
+  concurrent requests with different prompt lengths.
 - The SP 2 app is routed by size (`denoiser_routes`, the fractions of configs/random-full-routed.yaml):
   64x64 to a single-rank main Denoiser, 96x96 and up to the SP 2 route Denoiser-large; plain, streamed
   and edit requests each reach only the deployment of their size, which serves the SP 1 image.
@@ -262,6 +264,52 @@ def _assert_group(app: str, n: int, rank_gpus: float, deployment: str = "Denoise
 
 
 # --- the tests -----------------------------------------------------------------------------------------
+
+
+def test_sp4_group_in_a_placement_group_matches_the_single_process_engine(cluster, apps, tiny_dir):
+    """SPGroup held directly: 4 rank actors in a STRICT_PACK group of {"CPU": 1, "GPU": 1} bundles (whole
+    pretend GPUs, so before any app reserves its fractions), a batch of two caption lengths (a masked
+    batch) against the single-process engine's latents."""
+    import torch
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+    from serve_app.config import AppConfig, DenoiserConfig, ModelConfig
+    from serve_app.engines.denoiser import DenoiseRequest, DenoiserEngine
+    from serve_app.sp.rank_group import SPGroup
+
+    apps.clear()
+    model = ModelConfig(source="tiny", tiny_dir=str(tiny_dir))
+    # the two requests' different caption lengths share each forward (a masked batch)
+    cfg = AppConfig(model=model, denoiser=DenoiserConfig(collective_timeout_s=60, sp_same_caption_length_batches=False))
+    reference = DenoiserEngine(model, DenoiserConfig(), device=torch.device("cpu"))
+    g = torch.Generator().manual_seed(1)
+    requests = [DenoiseRequest(embeds=torch.randn(n, reference.cap_feat_dim, generator=g), height=SIZE, width=SIZE, steps=STEPS, seed=s)
+                for n, s in ((9, 11), (40, 12))]
+    expected = reference.denoise(requests)
+
+    pg = placement_group([{"CPU": 1, "GPU": 1}] * 4, strategy="STRICT_PACK")
+    cluster.get(pg.ready(), timeout=60)
+    table = placement_group_table(pg)
+    assert table["strategy"] == "STRICT_PACK" and table["state"] == "CREATED"
+    assert list(table["bundles"].values()) == [{"CPU": 1.0, "GPU": 1.0}] * 4
+    group = SPGroup(cfg, 4, placement_group=pg)  # layout from the 6 heads: ulysses 2 x ring 2
+    try:
+        info = group.info()["ranks"]
+        assert [i["rank"] for i in info] == [0, 1, 2, 3]
+        assert {(i["sp"]["ulysses_degree"], i["sp"]["ring_degree"], i["sp"]["attention"], i["backend"]) for i in info} == {(2, 2, "usp", "gloo")}
+        # Ray gave each rank its own (pretend) GPU; torch has no CUDA here, so they run on CPU
+        assert sorted(str(i["gpu_ids"][0]) for i in info) == ["0", "1", "2", "3"]
+        assert {i["device"] for i in info} == {"cpu"}
+        latents = group.denoise(requests)
+        assert len(latents) == len(expected)
+        for lat, ref in zip(latents, expected):
+            assert lat.device.type == "cpu" and lat.shape == ref.shape
+            assert (lat - ref).abs().max().item() <= 1e-4  # fp32 latents after 2 steps (seen: ~1e-6)
+        group.check_health(10.0)
+        assert group.stats()["forwards"] == STEPS
+    finally:
+        group.shutdown()
+        remove_placement_group(pg)
 
 
 def test_sp_config_gpu_fractions_reserve_on_their_host_in_any_order(cluster, apps):
