@@ -178,8 +178,8 @@ def test_wedged_denoiser_turns_unready_then_recovers(serve_app, tiny_dir):
 
     from tests.tiny_server import build_sharing
 
-    # readiness off within 3 x (health_check_period_s + health_check_timeout_s) + health_refresh_s = 10 s here
-    args = tiny_args(tiny_dir, denoiser_deployment={"health_check_period_s": 1.0, "health_check_timeout_s": 2.0},
+    # readiness off within 3 x (health_check_period_s + health_check_timeout_s) + health_refresh_s = 5.5 s here
+    args = tiny_args(tiny_dir, denoiser_deployment={"health_check_period_s": 0.5, "health_check_timeout_s": 1.0},
                      server={"health_refresh_s": 1.0})
     serve.run(build_sharing(args, ("TextEncoder", "VaeDecoder")), name="wedge", route_prefix="/wedge")  # the root app's TE and VAE
     base = BASE + "/wedge"
