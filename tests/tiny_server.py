@@ -90,6 +90,9 @@ class TinyServe:
         # short autoscaling metric intervals, so that scaling is observable in seconds (tests/test_serving.py)
         os.environ["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
         os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
+        # Serve's controller checks every replica and app 10 times a second by default: a twentieth of a
+        # core for the whole session on a 2-core runner; twice a second is soon enough for these tests
+        os.environ["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] = "0.5"
         from serve_app.request_ids import PROXY_ENV
 
         os.environ.update(PROXY_ENV)  # the proxy checks clients' X-Request-Id (serve_app/request_ids.py)
