@@ -15,19 +15,21 @@ import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import TYPE_CHECKING, AsyncIterator, Callable
 
 from ray import serve
 
 from serve_app.config import AppConfig
 from serve_app.deployments.gpu_batcher import GpuBatcher
 from serve_app.deployments.stage_stats import StageStats
-from serve_app.engines.denoiser import Denoiser, DenoiserEngine, check_positions
-from serve_app.engines.dit_positions import PIXELS_PER_LATENT_PATCH, position_limits
+from serve_app.engines.dit_positions import PIXELS_PER_LATENT_PATCH, check_positions, position_limits
 from serve_app.engines.lora import AdapterError, UnknownAdapter
 from serve_app.engines.model_sources import load_transformer_config
 from serve_app.openai_api import APIError
 from serve_app.stage_messages import DenoisedLatents, DenoiseProgress, DenoiseRequest
+
+if TYPE_CHECKING:
+    from serve_app.engines.denoiser import Denoiser
 
 
 @dataclass
@@ -39,6 +41,10 @@ class _Job:
 
 
 def make_denoiser(cfg: AppConfig) -> Denoiser:
+    # the engines (diffusers, transformers, peft) are imported in the replica that builds one, not where the
+    # app is only bound: `serve run`'s build task, on the path to a cold start, imports serve_app.app
+    from serve_app.engines.denoiser import DenoiserEngine
+
     if cfg.denoiser.sp_degree > 1:
         import ray
 
@@ -108,6 +114,8 @@ class DenoiserDeployment:
             self._adapter = serve.multiplexed(max_num_models_per_replica=cfg.lora.max_loaded)(load_adapter)
         # per-step reports need the engine in this process; an SP group's ranks run elsewhere, so a
         # streamed request on an SP replica gets its queue position and its final image only
+        from serve_app.engines.denoiser import DenoiserEngine
+
         self._steps_reported = isinstance(self.engine, DenoiserEngine)
         self.streams = 0
 

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 from ray import serve
 
 from serve_app.config import AppConfig
 from serve_app.deployments.isolation import run_isolated, unwrap
 from serve_app.deployments.stage_stats import StageStats
-from serve_app.engines.text_encoder import TextEncoderEngine
 from serve_app.openai_api import APIError
 from serve_app.stage_messages import EncodedPrompt
+
+if TYPE_CHECKING:
+    from serve_app.engines.text_encoder import TextEncoderEngine
 
 
 def _warmup(engine: TextEncoderEngine) -> None:
@@ -22,6 +25,8 @@ def _warmup(engine: TextEncoderEngine) -> None:
 @serve.deployment
 class TextEncoderDeployment:
     def __init__(self, app_config: dict):
+        from serve_app.engines.text_encoder import TextEncoderEngine  # here, not where the app is only bound (serve_app/deployments/denoiser.py)
+
         cfg = AppConfig.model_validate(app_config)
         self.engine, self.stats_ = StageStats.start(lambda: TextEncoderEngine(cfg.model, cfg.text_encoder), _warmup,
                                                     cfg.text_encoder_deployment.gpu_memory_gb, stage="text_encoder")

@@ -16,13 +16,14 @@ from ray import serve
 from serve_app.config import AppConfig
 from serve_app.deployments.isolation import run_isolated, unwrap
 from serve_app.deployments.stage_stats import StageStats
-from serve_app.engines.vae import VaeEngine
 from serve_app.stage_messages import DecodedImage, DenoisedLatents, EncodedImage, ImageToEncode
 
 
 @serve.deployment
 class VaeDecoderDeployment:
     def __init__(self, app_config: dict):
+        from serve_app.engines.vae import VaeEngine  # here, not where the app is only bound (serve_app/deployments/denoiser.py)
+
         cfg = AppConfig.model_validate(app_config)
         self.engine, self.stats_ = StageStats.start(
             lambda: VaeEngine(cfg.model, cfg.vae),

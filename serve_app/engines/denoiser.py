@@ -30,7 +30,7 @@ import torch
 from serve_app.config import DenoiserConfig, LoraConfig, ModelConfig
 from serve_app.engines.compile_cache import use_compile_cache
 from serve_app.engines.devices import placement
-from serve_app.engines.dit_positions import CAPTION_PAD, PIXELS_PER_LATENT_PATCH, position_limits
+from serve_app.engines.dit_positions import CAPTION_PAD, PIXELS_PER_LATENT_PATCH, check_positions, position_limits
 from serve_app.engines.dit_builder import SPOptions, build_dit
 from serve_app.engines.dit_graphs import MAX_CAPTION_TOKENS, DiTGraphs, caption_buckets
 from serve_app.engines.lora import AdapterError, LoraAdapters, side_paths
@@ -105,16 +105,6 @@ def group_by_shape(requests: list[DenoiseRequest], same_caption_length: bool = F
         key = r.batch_key + ((-(-r.embeds.shape[0] // CAPTION_PAD),) if same_caption_length else ())
         groups[key].append(i)
     return dict(groups)
-
-
-def check_positions(r: DenoiseRequest, limits: tuple[int, int, int]) -> None:
-    """Raise ValueError for a request the DiT's position tables cannot hold."""
-    max_tokens, rows, cols = limits
-    for what, e in (("prompt", r.embeds), ("negative prompt", r.negative_embeds)):
-        if e is not None and e.shape[0] > max_tokens:
-            raise ValueError(f"the {what} is {e.shape[0]} tokens; the model takes at most {max_tokens}")
-    if r.height // PIXELS_PER_LATENT_PATCH > rows or r.width // PIXELS_PER_LATENT_PATCH > cols:
-        raise ValueError(f"the model takes images of at most {rows * PIXELS_PER_LATENT_PATCH}x{cols * PIXELS_PER_LATENT_PATCH} (HxW)")
 
 
 class DenoiserStats:

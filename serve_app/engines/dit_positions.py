@@ -3,6 +3,11 @@ ingress checks prompts and sizes with it before any stage sees them)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from serve_app.stage_messages import DenoiseRequest
+
 VAE_SCALE_FACTOR = 8  # Flux VAE: 2 ** (len(block_out_channels) - 1)
 PIXELS_PER_LATENT_PATCH = VAE_SCALE_FACTOR * 2  # the DiT patchifies latents 2x2
 CAPTION_PAD = 32  # Z-Image pads each caption to a multiple of 32 tokens (its pad token is attended)
@@ -16,3 +21,13 @@ def position_limits(transformer_config: dict) -> tuple[int, int, int]:
     others. Past these, diffusers indexes out of its tables (IndexError inside the forward)."""
     first, rows, cols = transformer_config["axes_lens"]
     return (first - 2) // CAPTION_PAD * CAPTION_PAD, rows, cols
+
+
+def check_positions(r: DenoiseRequest, limits: tuple[int, int, int]) -> None:
+    """Raise ValueError for a request the DiT's position tables cannot hold."""
+    max_tokens, rows, cols = limits
+    for what, e in (("prompt", r.embeds), ("negative prompt", r.negative_embeds)):
+        if e is not None and e.shape[0] > max_tokens:
+            raise ValueError(f"the {what} is {e.shape[0]} tokens; the model takes at most {max_tokens}")
+    if r.height // PIXELS_PER_LATENT_PATCH > rows or r.width // PIXELS_PER_LATENT_PATCH > cols:
+        raise ValueError(f"the model takes images of at most {rows * PIXELS_PER_LATENT_PATCH}x{cols * PIXELS_PER_LATENT_PATCH} (HxW)")
