@@ -223,7 +223,6 @@ def test_strict_pack_group_of_two_gpus_is_never_split(two_nodes):
 
 def test_serve_app_replicas_land_on_their_accelerators(two_nodes, tiny_dir):
     import httpx
-    import ray
     from PIL import Image
     from ray import serve
 
