@@ -112,11 +112,9 @@ class DenoiserDeployment:
 
             # wrapped here, not on the class: the per-replica limit comes from the config
             self._adapter = serve.multiplexed(max_num_models_per_replica=cfg.lora.max_loaded)(load_adapter)
-        # per-step reports need the engine in this process; an SP group's ranks run elsewhere, so a
-        # streamed request on an SP replica gets its queue position and its final image only
-        from serve_app.engines.denoiser import DenoiserEngine
-
-        self._steps_reported = isinstance(self.engine, DenoiserEngine)
+        # per-step reports need the engine in this process (make_denoiser built a local one); an SP group's
+        # ranks run elsewhere, so a streamed request on an SP replica gets its queue position and final image only
+        self._steps_reported = cfg.denoiser.sp_degree == 1
         self.streams = 0
 
     def _denoise(self, jobs: list[_Job]) -> list[DenoisedLatents]:
