@@ -4,7 +4,7 @@ every process: replicas, proxies, the CLI. Anything not listed here still shows.
 
 | what | where | why it is harmless here |
 | --- | --- | --- |
-| "Failed to load .../torchao/_C_mxfp8..." / "_C_cutlass_90a" | torchao's import, pulled in by diffusers' quantizer registry | optional CUDA kernels torchao ships for other torch builds; we use none of torchao's kernels (FP8 is ours, serve_app/engines/fp8_linear.py) |
+| "Failed to load .../torchao/_C_mxfp8..." / "_C_cutlass_90a" | torchao's import, which diffusers' and transformers' quantizer registries pull in where torchao is installed (not a dependency of ours; the GPU images have it) | optional CUDA kernels torchao ships for other torch builds; we use none of torchao's kernels (FP8 is ours, serve_app/engines/fp8_linear.py) |
 | "Detected no triton" | torchao.kernel.intmm | CPU / Triton-less machines; compile is off there (serve_app/engines/platform.py) |
 | "Unable to import `torchao` Tensor objects" | diffusers' torchao quantizer | only for loading torchao-serialized checkpoints, which we never load |
 | "... is an Enum subclass and is now natively supported by torch.compile" | torch.utils._pytree, at torchao's import | a deprecation torchao must act on; nothing we call |
