@@ -166,6 +166,17 @@ class VaeConfig(_Strict):
     # True: height and width symbolic, one graph for every size (warmed at start with `start_sizes`);
     # False: a graph per shape, compiled at each size's first request (benchmarks/README.md, "VAE")
     compile_dynamic: bool = True
+    # (height, width) that also get a static graph each, compiled at start (with compile_dynamic): its
+    # kernels are faster than the symbolic graph's at that size (benchmarks/README.md, "VAE static graphs")
+    static_sizes: list[tuple[int, int]] = []
+
+    @model_validator(mode="after")
+    def _static_sizes_decode_whole(self) -> "VaeConfig":
+        for h, w in self.static_sizes:
+            if h <= 0 or w <= 0 or h % 16 or w % 16 or h * w > self.tiling_min_pixels:
+                raise ValueError(f"static_sizes: {h}x{w} is not a size decoded in one piece (sides multiples of 16, "
+                                 f"at most tiling_min_pixels = {self.tiling_min_pixels} pixels)")
+        return self
 
 
 # Our defaults under the user's Serve options, per stage. Serve's own are 5 ongoing requests per replica
@@ -414,12 +425,13 @@ class AppConfig(_Strict):
         return sizes
 
     def vae_start_sizes(self, compiled: bool) -> list[tuple[int, int]]:
-        """`start_sizes`, plus, for a compiled decoder, the smallest square the VAE decodes tiled when the
+        """`start_sizes`, plus, for a compiled decoder, `vae.static_sizes` and the smallest square the VAE decodes tiled when the
         server accepts one: the tiled path runs the decoder on tile-sized latents, whose graph is warmed
         before traffic like the rest (an eager decoder has nothing to warm there)."""
         sizes = self.start_sizes()
         if not compiled:
             return sizes
+        sizes += [tuple(x) for x in self.vae.static_sizes if tuple(x) not in sizes]
         m, top = self.server.size_multiple, self.server.max_size
         side = (math.isqrt(self.vae.tiling_min_pixels) // m + 1) * m  # side * side > tiling_min_pixels
         if side <= top and not any(h * w > self.vae.tiling_min_pixels for h, w in sizes):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 
-import torch
 from ray import serve
 
 from serve_app.config import AppConfig
@@ -27,7 +26,7 @@ class VaeDecoderDeployment:
         cfg = AppConfig.model_validate(app_config)
         self.engine, self.stats_ = StageStats.start(
             lambda: VaeEngine(cfg.model, cfg.vae),
-            lambda engine: [engine.decode([torch.zeros(16, h // 8, w // 8)]) for h, w in cfg.vae_start_sizes(engine.compiled)],
+            lambda engine: engine.warm_up(cfg.vae_start_sizes(engine.compiled)),
             cfg.vae_deployment.gpu_memory_gb, stage="vae",
         )
         self.latent_channels = int(self.engine.vae.config.latent_channels)

@@ -33,6 +33,23 @@ class SpatialDynamicCall(torch.nn.Module):
         return self.inner(z, *args, **kwargs)
 
 
+class StaticOrSymbolic(torch.nn.Module):
+    """The compiled decoder twice: a static graph for the latent shapes in `static_shapes` (batch 1), the
+    symbolic one (`SpatialDynamicCall`) for every other shape and every tile. Static kernels are faster at
+    the sizes a server mostly serves (benchmarks/README.md, "VAE static graphs")."""
+
+    def __init__(self, decoder, static_shapes, backend: str = "inductor"):
+        super().__init__()
+        self.static = torch.compile(decoder, backend=backend, dynamic=False)
+        self.symbolic = SpatialDynamicCall(torch.compile(decoder, backend=backend, dynamic=None))
+        self.static_shapes = set(static_shapes)
+
+    def forward(self, z, *args, **kwargs):
+        if z.shape[0] == 1 and tuple(z.shape[2:]) in self.static_shapes:
+            return self.static(z, *args, **kwargs)
+        return self.symbolic(z, *args, **kwargs)
+
+
 class VaeEngine:
     def __init__(self, model_cfg: ModelConfig, cfg: VaeConfig):
         self.cfg = cfg
@@ -43,10 +60,23 @@ class VaeEngine:
         self.shift_factor = self.vae.config.shift_factor
         self.compiled = bool(cfg.compile and self.device.type != "cpu")
         self.spatial_dynamic = self.compiled and cfg.compile_dynamic
-        if self.compiled:
+        if self.spatial_dynamic and cfg.static_sizes:
+            self.vae.decoder = StaticOrSymbolic(self.vae.decoder, [(h // 8, w // 8) for h, w in cfg.static_sizes])
+        elif self.compiled:
             # dynamic=None: the dims marked at each call are symbolic, the rest (batch 1, channels) static
             decoder = torch.compile(self.vae.decoder, dynamic=None if self.spatial_dynamic else False)
             self.vae.decoder = SpatialDynamicCall(decoder) if self.spatial_dynamic else decoder
+
+    def warm_up(self, sizes: list[tuple[int, int]]) -> None:
+        """Decode each (height, width) once, so that their graphs exist before traffic; the symbolic graph
+        too where every size has a static one (it serves all the others)."""
+        c = self.vae.config.latent_channels
+        for h, w in sizes:
+            self.decode([torch.zeros(c, h // 8, w // 8)])
+        if isinstance(self.vae.decoder, StaticOrSymbolic):
+            h, w = sizes[0]
+            with torch.no_grad():  # the decoder's own input: post_quant_conv keeps the latent's shape
+                self.vae.decoder.symbolic(torch.zeros(1, c, h // 8, w // 8, device=self.device, dtype=self.dtype))
 
     @torch.no_grad()
     def decode(self, latents: list[torch.Tensor]) -> list[torch.Tensor]:
