@@ -73,7 +73,7 @@ class VaeEngine:
         c = self.vae.config.latent_channels
         for h, w in sizes:
             self.decode([torch.zeros(c, h // 8, w // 8)])
-        if isinstance(self.vae.decoder, StaticOrSymbolic):
+        if isinstance(self.vae.decoder, StaticOrSymbolic) and sizes:
             h, w = sizes[0]
             with torch.no_grad():  # the decoder's own input: post_quant_conv keeps the latent's shape
                 self.vae.decoder.symbolic(torch.zeros(1, c, h // 8, w // 8, device=self.device, dtype=self.dtype))
