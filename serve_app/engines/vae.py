@@ -68,15 +68,16 @@ class VaeEngine:
             self.vae.decoder = SpatialDynamicCall(decoder) if self.spatial_dynamic else decoder
 
     def warm_up(self, sizes: list[tuple[int, int]]) -> None:
-        """Decode each (height, width) once, so that their graphs exist before traffic; the symbolic graph
-        too where every size has a static one (it serves all the others)."""
+        """Decode each (height, width) once, so that their graphs exist before traffic. With static graphs,
+        the symbolic one (which serves every other size) is traced first and at the first size, as it is
+        without them: Inductor keeps the kernels it picked for the size it first traced."""
         c = self.vae.config.latent_channels
-        for h, w in sizes:
-            self.decode([torch.zeros(c, h // 8, w // 8)])
         if isinstance(self.vae.decoder, StaticOrSymbolic) and sizes:
             h, w = sizes[0]
             with torch.no_grad():  # the decoder's own input: post_quant_conv keeps the latent's shape
                 self.vae.decoder.symbolic(torch.zeros(1, c, h // 8, w // 8, device=self.device, dtype=self.dtype))
+        for h, w in sizes:
+            self.decode([torch.zeros(c, h // 8, w // 8)])
 
     @torch.no_grad()
     def decode(self, latents: list[torch.Tensor]) -> list[torch.Tensor]:
