@@ -161,7 +161,7 @@ def test_ready_stays_ready_at_twice_capacity(serve_app):
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         futures = [pool.submit(load, i) for i in range(16)]
         _wait(lambda: 429 in codes, 300, "at capacity")  # 8 images in flight, the rest turned away
-        # under the 429 storm of the turned-away loaders a probe takes ~1.5 s here: 8 span several DiT batches
+        # each probe waits behind the turned-away loaders' 429s: 8 already span several DiT batches
         while len(probes) < 8:
             r = httpx.get(BASE + "/health/ready", timeout=10)  # a probe queued behind generation would time out here
             probes.append(r.status_code)
