@@ -221,20 +221,11 @@ def _sp_requests(cap_dim: int):
 def test_sequence_parallel_ranks_apply_the_same_adapters(tiny_dir, lora_dir, tmp_path):
     """Every SP rank holds the same adapters and their side paths compute on its shard: the group's
     latents are the single process's (tests/test_sp_engine.py's bound, atol 1e-4 on fp32 latents)."""
-    import socket
-
-    import torch.multiprocessing as mp
-
     from serve_app.config import DenoiserConfig
     from serve_app.engines.denoiser import DenoiserEngine
+    from tests.rank_processes import free_ports, run_ranks
 
-    socks = [socket.socket() for _ in SP_LAYOUTS]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    mp.start_processes(_sp_worker, args=(str(tiny_dir), str(lora_dir), ports, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    run_ranks(_sp_worker, (str(tiny_dir), str(lora_dir), free_ports(len(SP_LAYOUTS)), str(tmp_path)), 2)
     single = DenoiserEngine(ModelConfig(source="tiny", tiny_dir=str(tiny_dir)), DenoiserConfig(), device=torch.device("cpu"),
                             lora=LoraConfig(enabled=True, dir=str(lora_dir), max_rank=16))
     reqs = _sp_requests(single.cap_feat_dim)

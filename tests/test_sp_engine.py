@@ -1,20 +1,20 @@
 """Sequence-parallel DiT (Ulysses x ring) against the single-process engine: CPU, gloo, tiny model, fp32.
 
-One spawn of 4 processes runs every layout in turn (a fresh process group per layout, ranks beyond its
-size sit it out), because importing torch + diffusers costs ~6 s a process on a 2-core runner.
+One start of 4 processes (tests/rank_processes.py) runs every layout in turn (a fresh process group per layout, ranks beyond its
+size sit it out), because a rank process costs seconds to start.
 Tolerance: atol 1e-4 on fp32 latents after 2 steps (seen: ~1e-6).
 """
 
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 
 from serve_app.config import DenoiserConfig, ModelConfig
 from serve_app.engines.denoiser import DenoiseRequest, DenoiserEngine
+from tests.rank_processes import free_ports, run_ranks
 
 SIZE = 64  # 16 image tokens -> padded to 32 by Z-Image; with a 32-token caption: 64 tokens, not divisible by 3 or 6
 STEPS = 2
@@ -63,16 +63,6 @@ def _requests(cap_dim: int) -> dict[str, list[DenoiseRequest]]:
             DenoiseRequest(embeds=emb(33), height=SIZE, width=SIZE, steps=STEPS, seed=5),
         ],
     }
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _packed_exchange_exact(rank: int, n: int) -> bool:
@@ -128,9 +118,7 @@ def _worker(rank: int, tiny_dir: str, ports: list[int], out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def sp_results(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("sp")
-    import torch.multiprocessing as mp
-
-    mp.start_processes(_worker, args=(str(tiny_dir), _free_ports(len(VARIANTS)), str(out)), nprocs=NPROCS, join=True, start_method="spawn")
+    run_ranks(_worker, (str(tiny_dir), free_ports(len(VARIANTS)), str(out)), NPROCS)
     return {v: torch.load(out / (_key(*v) + ".pt")) for v in VARIANTS}
 
 
