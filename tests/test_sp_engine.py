@@ -1,7 +1,7 @@
 """Sequence-parallel DiT (Ulysses x ring) against the single-process engine: CPU, gloo, tiny model, fp32.
 
-One start of 4 processes (tests/rank_processes.py) runs every layout in turn (a fresh process group per layout, ranks beyond its
-size sit it out), because a rank process costs seconds to start.
+One start of 4 processes (tests/rank_processes.py) runs every layout in turn (a fresh process group per
+layout, ranks beyond its size sit it out), because a rank process costs seconds to start.
 Tolerance: atol 1e-4 on fp32 latents after 2 steps (seen: ~1e-6).
 """
 
