@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.tiny_server import QUICK_DRAIN
+
 HEAD_PORT = 16380
 SERVE_PORT = 18610
 H100 = "H100"
@@ -231,10 +233,10 @@ def test_serve_app_replicas_land_on_their_accelerators(two_nodes, tiny_dir):
     args = {
         "model": {"source": "tiny", "device": "cpu", "tiny_dir": str(tiny_dir)},
         "server": {"max_size": 256, "default_size": "64x64", "request_timeout_s": 60},
-        "text_encoder_deployment": {"ray_actor_options": {"num_cpus": 0.1, "num_gpus": 0.25, "accelerator_type": MI300X}},
-        "denoiser_deployment": {"ray_actor_options": {"num_cpus": 0.1, "num_gpus": 0.5, "accelerator_type": H100}},
-        "vae_deployment": {"ray_actor_options": {"num_cpus": 0.1, "num_gpus": 0.25, "accelerator_type": MI300X}},
-        "ingress_deployment": {"ray_actor_options": {"num_cpus": 0.1}},
+        "text_encoder_deployment": {"ray_actor_options": {"num_cpus": 0.1, "num_gpus": 0.25, "accelerator_type": MI300X}, **QUICK_DRAIN},
+        "denoiser_deployment": {"ray_actor_options": {"num_cpus": 0.1, "num_gpus": 0.5, "accelerator_type": H100}, **QUICK_DRAIN},
+        "vae_deployment": {"ray_actor_options": {"num_cpus": 0.1, "num_gpus": 0.25, "accelerator_type": MI300X}, **QUICK_DRAIN},
+        "ingress_deployment": {"ray_actor_options": {"num_cpus": 0.1}, **QUICK_DRAIN},
     }
     # one proxy: both nodes share 127.0.0.1, a proxy per node would fight over the port
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": SERVE_PORT})

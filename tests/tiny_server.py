@@ -24,6 +24,11 @@ BASE = f"http://127.0.0.1:{PORT}"
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# Serve's replica, told to stop, sleeps this long before it first counts its ongoing requests (default
+# 2 s): every app deletion, upgrade and replica replacement in the tests waited that out per replica
+QUICK_DRAIN = {"graceful_shutdown_wait_loop_s": 0.1}
+
+
 def tiny_args(tiny_dir, **overrides) -> dict:
     """The root app's settings, with `overrides` merged into its sections."""
     args = {
@@ -31,12 +36,13 @@ def tiny_args(tiny_dir, **overrides) -> dict:
         "server": {"max_size": 1024, "default_size": "64x64", "max_inflight_images": 8, "request_timeout_s": 120,
                    # small limits, so that the reliability and upload tests reach them with small bodies
                    "max_body_bytes": 65536, "max_upload_bytes": 150_000, "max_upload_pixels": 1_000_000},
-        "text_encoder_deployment": {"ray_actor_options": {"num_cpus": 0.1}, "max_batch_size": 8, "batch_wait_timeout_s": 0.05},
+        "text_encoder_deployment": {"ray_actor_options": {"num_cpus": 0.1}, "max_batch_size": 8, "batch_wait_timeout_s": 0.05, **QUICK_DRAIN},
         "denoiser_deployment": {
             "ray_actor_options": {"num_cpus": 0.1}, "max_batch_size": 4, "batch_wait_timeout_s": 0.3, "max_ongoing_requests": 4, "max_queued_requests": 32,
+            **QUICK_DRAIN,
         },
-        "vae_deployment": {"ray_actor_options": {"num_cpus": 0.1}, "max_batch_size": 4},
-        "ingress_deployment": {"ray_actor_options": {"num_cpus": 0.1}, "max_ongoing_requests": 64, "max_queued_requests": 64},
+        "vae_deployment": {"ray_actor_options": {"num_cpus": 0.1}, "max_batch_size": 4, **QUICK_DRAIN},
+        "ingress_deployment": {"ray_actor_options": {"num_cpus": 0.1}, "max_ongoing_requests": 64, "max_queued_requests": 64, **QUICK_DRAIN},
     }
     for key, value in overrides.items():
         args.setdefault(key, {}).update(value)
