@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.tiny_server import QUICK_DRAIN
+from tests.tiny_server import quick_drain
 
 HEAD_PORT = 16380
 SERVE_PORT = 18610
@@ -233,14 +233,14 @@ def test_serve_app_replicas_land_on_their_accelerators(two_nodes, tiny_dir):
     args = {
         "model": {"source": "tiny", "device": "cpu", "tiny_dir": str(tiny_dir)},
         "server": {"max_size": 256, "default_size": "64x64", "request_timeout_s": 60},
-        "text_encoder_deployment": {"ray_actor_options": {"num_cpus": 0.1, "num_gpus": 0.25, "accelerator_type": MI300X}, **QUICK_DRAIN},
-        "denoiser_deployment": {"ray_actor_options": {"num_cpus": 0.1, "num_gpus": 0.5, "accelerator_type": H100}, **QUICK_DRAIN},
-        "vae_deployment": {"ray_actor_options": {"num_cpus": 0.1, "num_gpus": 0.25, "accelerator_type": MI300X}, **QUICK_DRAIN},
-        "ingress_deployment": {"ray_actor_options": {"num_cpus": 0.1}, **QUICK_DRAIN},
+        "text_encoder_deployment": {"ray_actor_options": {"num_cpus": 0.1, "num_gpus": 0.25, "accelerator_type": MI300X}},
+        "denoiser_deployment": {"ray_actor_options": {"num_cpus": 0.1, "num_gpus": 0.5, "accelerator_type": H100}},
+        "vae_deployment": {"ray_actor_options": {"num_cpus": 0.1, "num_gpus": 0.25, "accelerator_type": MI300X}},
+        "ingress_deployment": {"ray_actor_options": {"num_cpus": 0.1}},
     }
     # one proxy: both nodes share 127.0.0.1, a proxy per node would fight over the port
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": SERVE_PORT})
-    serve.run(build_app(args), name="z-image", route_prefix="/", blocking=False)
+    serve.run(build_app(quick_drain(args)), name="z-image", route_prefix="/", blocking=False)
     base = f"http://127.0.0.1:{SERVE_PORT}"
     deadline = time.time() + 150
     while True:

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from tests.tiny_server import QUICK_DRAIN, wait_until
+from tests.tiny_server import quick_drain, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 PORT = 18455
@@ -25,8 +25,7 @@ def test_serve_run_serves_the_tiny_cpu_config_and_drains_on_sigterm(tmp_path, ti
     args = cfg["applications"][0]["args"]
     args["model"]["tiny_dir"] = str(tiny_dir)
     args["server"].pop("metrics_export_port", None)  # the shared test server's Ray may hold its own
-    for stage in ("text_encoder_deployment", "denoiser_deployment", "vae_deployment", "ingress_deployment"):
-        args.setdefault(stage, {}).update(QUICK_DRAIN)
+    quick_drain(args)
     path = tmp_path / "tiny-cpu.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a fresh local cluster of its own

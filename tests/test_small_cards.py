@@ -12,7 +12,7 @@ from PIL import Image
 
 from serve_app.config import AppConfig, ModelConfig, TextEncoderConfig
 from serve_app.engines.text_encoder import TextEncoderEngine
-from tests.tiny_server import QUICK_DRAIN
+from tests.tiny_server import quick_drain
 
 CONFIGS = ["configs/z-image-turbo-24gb.yaml", "configs/z-image-turbo-16gb.yaml"]
 # served on CPU: it runs what the 24 GB one does (whose caps and tiling are checked below) plus the
@@ -58,7 +58,7 @@ def test_the_config_serves_on_cpu_with_the_tiny_model(tiny_server, tiny_dir):
     args["denoiser"]["warmup_sizes"] = [[64, 64]]
     for stage in ("text_encoder_deployment", "denoiser_deployment", "vae_deployment", "ingress_deployment"):
         args[stage]["ray_actor_options"] = {"num_cpus": 0.1}
-        args[stage].update(QUICK_DRAIN)
+    quick_drain(args)
     name = path.rsplit("/", 1)[-1].removesuffix(".yaml")
     with tiny_server.app(name, args) as base:  # next to the shared root app, deleted afterwards
         r = httpx.post(f"{base}/v1/images/generations", timeout=120,

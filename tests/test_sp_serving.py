@@ -40,7 +40,8 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from tests.tiny_server import QUICK_DRAIN
+
+from tests.tiny_server import quick_drain
 
 ROOT = Path(__file__).resolve().parent.parent
 PORT = 18470
@@ -95,14 +96,15 @@ def sp_args(tiny_dir, variant: str) -> dict:
         # failing fast, not waiting for the process group's timeout
         "denoiser": {**u_r, "collective_timeout_s": COLLECTIVE_TIMEOUT_S, "max_steps": 1000},
         "server": {"max_size": 512, "default_size": "64x64", "max_inflight_images": 16, "request_timeout_s": 120},
-        "text_encoder_deployment": {"ray_actor_options": {"num_cpus": 0.1}, "max_batch_size": 8, "batch_wait_timeout_s": 0.05, **QUICK_DRAIN},
+        "text_encoder_deployment": {"ray_actor_options": {"num_cpus": 0.1}, "max_batch_size": 8, "batch_wait_timeout_s": 0.05},
         "denoiser_deployment": {
             "ray_actor_options": {"num_cpus": 0.1}, "max_batch_size": 4, "batch_wait_timeout_s": 0.3, "max_ongoing_requests": 8,
-            "max_queued_requests": 32, "health_check_period_s": 1, "health_check_timeout_s": 10, **QUICK_DRAIN,
+            "max_queued_requests": 32, "health_check_period_s": 1, "health_check_timeout_s": 10,
         },
-        "vae_deployment": {"ray_actor_options": {"num_cpus": 0.1}, "max_batch_size": 4, **QUICK_DRAIN},
-        "ingress_deployment": {"ray_actor_options": {"num_cpus": 0.1}, "max_ongoing_requests": 64, "max_queued_requests": 64, **QUICK_DRAIN},
+        "vae_deployment": {"ray_actor_options": {"num_cpus": 0.1}, "max_batch_size": 4},
+        "ingress_deployment": {"ray_actor_options": {"num_cpus": 0.1}, "max_ongoing_requests": 64, "max_queued_requests": 64},
     }
+    quick_drain(args)  # before the sp2 route copies the denoiser's block
     if variant == "sp2":
         cfg = _config_args(ROUTED_CONFIG)
         for stage in ("text_encoder_deployment", "denoiser_deployment", "vae_deployment"):

@@ -24,9 +24,18 @@ BASE = f"http://127.0.0.1:{PORT}"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# Serve's replica, told to stop, sleeps this long before it first counts its ongoing requests (default
-# 2 s): every app deletion, upgrade and replica replacement in the tests waited that out per replica
-QUICK_DRAIN = {"graceful_shutdown_wait_loop_s": 0.1}
+DEPLOYMENT_SECTIONS = ("text_encoder_deployment", "denoiser_deployment", "vae_deployment", "ingress_deployment")
+
+
+def quick_drain(args: dict) -> dict:
+    """Set every deployment's graceful_shutdown_wait_loop_s to 0.1 in `args` (in place) and return it.
+
+    Serve's replica, told to stop, sleeps this long before it first counts its ongoing requests (default
+    2 s): every app deletion, upgrade and replica replacement in the tests waited that out per replica.
+    """
+    for section in DEPLOYMENT_SECTIONS:
+        args.setdefault(section, {})["graceful_shutdown_wait_loop_s"] = 0.1
+    return args
 
 
 def tiny_args(tiny_dir, **overrides) -> dict:
@@ -36,17 +45,16 @@ def tiny_args(tiny_dir, **overrides) -> dict:
         "server": {"max_size": 1024, "default_size": "64x64", "max_inflight_images": 8, "request_timeout_s": 120,
                    # small limits, so that the reliability and upload tests reach them with small bodies
                    "max_body_bytes": 65536, "max_upload_bytes": 150_000, "max_upload_pixels": 1_000_000},
-        "text_encoder_deployment": {"ray_actor_options": {"num_cpus": 0.1}, "max_batch_size": 8, "batch_wait_timeout_s": 0.05, **QUICK_DRAIN},
+        "text_encoder_deployment": {"ray_actor_options": {"num_cpus": 0.1}, "max_batch_size": 8, "batch_wait_timeout_s": 0.05},
         "denoiser_deployment": {
             "ray_actor_options": {"num_cpus": 0.1}, "max_batch_size": 4, "batch_wait_timeout_s": 0.3, "max_ongoing_requests": 4, "max_queued_requests": 32,
-            **QUICK_DRAIN,
         },
-        "vae_deployment": {"ray_actor_options": {"num_cpus": 0.1}, "max_batch_size": 4, **QUICK_DRAIN},
-        "ingress_deployment": {"ray_actor_options": {"num_cpus": 0.1}, "max_ongoing_requests": 64, "max_queued_requests": 64, **QUICK_DRAIN},
+        "vae_deployment": {"ray_actor_options": {"num_cpus": 0.1}, "max_batch_size": 4},
+        "ingress_deployment": {"ray_actor_options": {"num_cpus": 0.1}, "max_ongoing_requests": 64, "max_queued_requests": 64},
     }
     for key, value in overrides.items():
         args.setdefault(key, {}).update(value)
-    return args
+    return quick_drain(args)
 
 
 def wait_until(cond, timeout: float, what: str) -> None:
