@@ -248,11 +248,14 @@ def test_denoiser_autoscales_up_then_an_upgrade_downscales_without_losing_reques
     # replicas busy, then the app redeployed with one fixed replica (and a changed ingress config, so the
     # ingress is replaced too) while the requests are in flight. Serve stops the old replicas only after
     # they finish their work (graceful_shutdown_timeout_s, serve_app/config.py): every request completes.
+    # 384² x 12 steps: 2-4 s an image on a 2-core runner, so all four stay in flight for several polls.
     fixed = {k: v for k, v in args["denoiser_deployment"].items() if k != "autoscaling_config"}
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        inflight = [pool.submit(_post, {"prompt": f"upgrade {i}", "size": "256x256", "num_inference_steps": 12, "seed": i}, base, 300)
+        inflight = [pool.submit(_post, {"prompt": f"upgrade {i}", "size": "384x384", "num_inference_steps": 12, "seed": i}, base, 300)
                     for i in range(4)]
-        wait_until(lambda: _stats(base)["ingress"]["inflight_images"] == 4, 60, "four in flight")
+        # asked of the ingress itself: /v1/stats would also wait for a slot on the busy denoisers
+        ingress = serve.get_deployment_handle("Ingress", app_name="scaling")
+        wait_until(lambda: ingress.inflight.remote().result() == 4, 60, "four in flight")
         serve.run(build_sharing({**args, "server": {**args["server"], "max_inflight_images": 63},
                                  "denoiser_deployment": {**fixed, "num_replicas": 1}}, SCALING_SHARES),
                   name="scaling", route_prefix="/scaling", blocking=False)

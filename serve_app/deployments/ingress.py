@@ -308,11 +308,13 @@ class ImageIngress:
 
     @api.get("/v1/stats")
     async def stats(self) -> dict:
+        # the ingress's own counters as of this call: the stages' replies may wait for a free request slot
+        ingress = {**self.counters, "inflight_images": self.inflight_images, "readiness": self.readiness.body()}
         names = list(self.denoiser_routes)
         te, dn, vae, *routes = await asyncio.gather(self.text_encoder.stats.remote(), self.denoiser.stats.remote(), self.vae.stats.remote(),
                                                     *[self.denoiser_routes[n].stats.remote() for n in names])
-        return {"ingress": {**self.counters, "inflight_images": self.inflight_images, "readiness": self.readiness.body()},
-                "text_encoder": te, "denoiser": dn, "vae": vae, **({"denoiser_routes": dict(zip(names, routes))} if names else {})}
+        return {"ingress": ingress, "text_encoder": te, "denoiser": dn, "vae": vae,
+                **({"denoiser_routes": dict(zip(names, routes))} if names else {})}
 
     def _denoiser_for(self, req: ValidatedRequest) -> tuple[str, DeploymentHandle]:
         """The denoiser deployment (its name, its handle) that serves a request of this size."""
