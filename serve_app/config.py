@@ -60,6 +60,9 @@ class TextEncoderConfig(_Strict):
     # `cuda_graph_max_batch` are padded to the next power of two; larger ones run eagerly.
     cuda_graph: bool = True
     cuda_graph_max_batch: int = Field(8, ge=1, le=64)
+    # with the CUDA graphs: each RMSNorm compiled into one kernel instead of seven small ones, which the
+    # graphs still pay for one by one (benchmarks/README.md, "text encoder RMSNorms compiled")
+    compile_norms: bool = True
     # weights in CPU memory, each layer moved to the GPU for its forward (small cards; no CUDA graphs)
     cpu_offload: bool = False
 

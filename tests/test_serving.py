@@ -191,7 +191,7 @@ def test_stats_report_each_stage_platform_and_the_engine_choice(serve_app):
     engine = stats["denoiser"]["engine"]  # what the DiT builder applied
     assert engine["attention"] == {"noise_refiner": "native", "context_refiner": "native", "layers": "native"}
     assert (engine["fp8_dtype"], engine["compile"], engine["sp"]) == (None, False, None)
-    assert stats["text_encoder"]["cuda_graphs"] == 0  # on CPU the encoder runs eagerly
+    assert stats["text_encoder"]["cuda_graphs"] == 0 and stats["text_encoder"]["norms_compiled"] is False  # on CPU: eager
 
 
 def test_request_timeout_gives_504_and_frees_the_server(tiny_server, tiny_dir):

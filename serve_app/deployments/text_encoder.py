@@ -51,7 +51,8 @@ class TextEncoderDeployment:
 
     def stats(self) -> dict:
         # how many CUDA graphs the encoder replays (0: eager: on CPU, switched off, or a capture failed)
-        return {**self.stats_.snapshot(), "cuda_graphs": len(self.engine.graphs.graphs) if self.engine.graphs else 0}
+        return {**self.stats_.snapshot(), "cuda_graphs": len(self.engine.graphs.graphs) if self.engine.graphs else 0,
+                "norms_compiled": self.engine.norms_compiled}
 
     def ready(self) -> bool:
         return True

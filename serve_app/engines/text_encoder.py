@@ -13,6 +13,7 @@ import logging
 import torch
 
 from serve_app.config import ModelConfig, TextEncoderConfig
+from serve_app.engines.compile_cache import use_compile_cache
 from serve_app.engines.devices import placement
 from serve_app.engines.model_sources import load_text_encoder, load_tokenizer
 from serve_app.engines.text_encoder_graphs import EncoderGraphs
@@ -45,9 +46,18 @@ class TextEncoderEngine:
 
             cpu_offload(self.model, execution_device=self.device)
         self.hidden_size = self.model.config.hidden_size
+        graphed = cfg.cuda_graph and self.device.type == "cuda" and not cfg.cpu_offload
+        self.norms_compiled = graphed and cfg.compile_norms
+        if self.norms_compiled:
+            from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+            use_compile_cache(model_cfg.compile_cache_dir)
+            for m in self.model.modules():
+                if isinstance(m, Qwen3RMSNorm):
+                    m.compile(dynamic=True, fullgraph=True)
         # CUDA graphs of the forward, captured by warmup() or on a shape's first use (not of moving weights)
         self.graphs = None
-        if cfg.cuda_graph and self.device.type == "cuda" and not cfg.cpu_offload:
+        if graphed:
             pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
             self.graphs = EncoderGraphs(self.model, cfg.skip_last_layer, pad_id, cfg.cuda_graph_max_batch)
 
