@@ -80,7 +80,13 @@ def drain_apps(poll_s: float = 0.5) -> None:
             continue
         handles.append(handle)
         deadline = max(deadline, time.monotonic() + float(grace))
-    print(f"serve_app: draining {len(handles)} app(s) before shutdown", file=sys.stderr, flush=True)
+    inflight = 0
+    for handle in handles:
+        try:
+            inflight += handle.inflight.remote().result(timeout_s=30)
+        except Exception:
+            pass
+    print(f"serve_app: draining {len(handles)} app(s) before shutdown, {inflight} image(s) in flight", file=sys.stderr, flush=True)
     for handle in handles:
         while time.monotonic() < deadline:
             try:

@@ -4,6 +4,7 @@ healthy, answers, and on SIGTERM finishes the requests in flight before it exits
 
 import concurrent.futures
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -50,17 +51,25 @@ def test_serve_run_serves_the_tiny_cpu_config_and_drains_on_sigterm(tmp_path, ti
         assert lora.json()["data"][0]["b64_json"] != r.json()["data"][0]["b64_json"]
 
         # SIGTERM (`kill PID`, or a container runtime signalling PID 1) while requests are in flight: every one
-        # completes, then the process exits
-        n = 4
+        # completes, then the process exits. The images are large enough to stay in flight for seconds (at
+        # 256² x 30 steps all four were done within 1.7 s here, and a CI run polled past them), and the wait
+        # is on the ingress's count of admitted requests, which only grows, so no poll can miss it.
+        def admitted() -> int:
+            return httpx.get(base + "/v1/stats", timeout=30).json()["ingress"]["requests"]
+
+        n, before = 4, admitted()
         with concurrent.futures.ThreadPoolExecutor(n) as pool:
             futures = [pool.submit(httpx.post, base + "/v1/images/generations",
-                                   json={"prompt": f"drain {i}", "size": "256x256", "num_inference_steps": 30, "seed": i}, timeout=300)
+                                   json={"prompt": f"drain {i}", "size": "512x512", "num_inference_steps": 50, "seed": i}, timeout=300)
                        for i in range(n)]
-            wait_until(lambda: httpx.get(base + "/v1/stats", timeout=30).json()["ingress"]["inflight_images"] == n, 120, "all in flight")
+            wait_until(lambda: admitted() == before + n, 120, "all admitted")
             os.kill(proc.pid, signal.SIGTERM)
             results = [f.result() for f in futures]
         assert [r.status_code for r in results] == [200] * n, [r.text[:200] for r in results]
         assert proc.wait(timeout=120) is not None
+        # the signal came while they ran (the first one, alone in its batch, may just have finished)
+        drained = re.search(r"draining 1 app\(s\) before shutdown, (\d+) image\(s\) in flight", log.read_text())
+        assert drained and 1 <= int(drained[1]) <= n, log.read_text()[-3000:]
     finally:
         _stop(proc)
 
