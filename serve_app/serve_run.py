@@ -71,21 +71,16 @@ def drain_apps(poll_s: float = 0.5) -> None:
         names = list(serve.status().applications)
     except Exception:
         return
-    deadline, handles = time.monotonic(), []
+    deadline, handles, inflight = time.monotonic(), [], 0
     for name in names:
         try:
             handle = serve.get_app_handle(name)
             grace = handle.drain.remote().result(timeout_s=30)
+            inflight += handle.inflight.remote().result(timeout_s=30)
         except Exception:  # not ours, or gone
             continue
         handles.append(handle)
         deadline = max(deadline, time.monotonic() + float(grace))
-    inflight = 0
-    for handle in handles:
-        try:
-            inflight += handle.inflight.remote().result(timeout_s=30)
-        except Exception:
-            pass
     print(f"serve_app: draining {len(handles)} app(s) before shutdown, {inflight} image(s) in flight", file=sys.stderr, flush=True)
     for handle in handles:
         while time.monotonic() < deadline:
