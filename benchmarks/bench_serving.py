@@ -176,7 +176,7 @@ def stats_delta(before: Any, after: Any) -> Any:
 
 
 def _is_level_key(key: str) -> bool:
-    return key.startswith(("peak_", "inflight", "max_")) or key in ("pid", "device", "replicas", "startup_s")
+    return key.startswith(("peak_", "inflight", "max_")) or key in ("pid", "device", "replicas", "startup_s", "startup_compiles")
 
 
 def _is_count_dict_key(key: str) -> bool:

@@ -307,7 +307,8 @@ def serving(serve_cfg: dict, a: argparse.Namespace):
         print(f"[server] healthy after {out['start_to_healthy_s']:.1f} s", file=sys.stderr, flush=True)
         try:  # each replica's own start: build (load, FP8, compile wrappers) and warm-up (where compiling happens)
             stats = _stats(base)
-            out["replica_startup_s"] = {k: v.get("startup_s") for k, v in stats.items() if isinstance(v, dict) and "startup_s" in v}
+            out["replica_startup_s"] = {k: {**v["startup_s"], "compiles": v.get("startup_compiles")}  # compile: seconds of it compiling
+                                        for k, v in stats.items() if isinstance(v, dict) and "startup_s" in v}
             print(f"[server] replica startup: {out['replica_startup_s']}", file=sys.stderr, flush=True)
         except Exception as e:
             out["replica_startup_s"] = {"error": repr(e)[:200]}

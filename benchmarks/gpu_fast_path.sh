@@ -14,6 +14,8 @@
 #         replicas, direct ingress, user code on the replica's event loop)
 #   tputobj  the same with RAY_SERVE_USE_GRPC_BY_DEFAULT=0: results through the object store as by default
 #   attn  bench_attention.py: 1024² batch 1; 512² batch 8 and 1024² batch 2 with padded captions
+#   coldab  cold start (as cold) of the config as it is ("base") and with COLD_NEW's --set switches ("new"): both
+#         empty, then both warm, each on its own cache
 #   cold  cold start of the FP8 server (start_to_healthy_s, each replica's build / warmup): a fresh, empty
 #         compile cache, then the same server restarted on that cache
 #   stages  engine level (bench_stages.py): compiled DiT bf16 and FP8 with RoPE in real arithmetic vs
@@ -42,6 +44,7 @@ part() {  # name, time limit, compare.py arguments...
   timeout "$limit" python benchmarks/compare.py "$@" --out "$OUT/compare-$name.json" > "$OUT/compare-$name.log" 2>&1
   echo "rc=$?"
   grep -A14 "^=====" "$OUT/compare-$name.log" | grep -v ServeReplica | head -30
+  grep -E "healthy after|replica startup" "$OUT/compare-$name.log" | head -4
   grep -i -E "recompil" "$OUT/compare-$name.log" | head -20
   ray stop --force > /dev/null 2>&1  # nothing of a failed part may hold the GPU for the next
 }
@@ -52,6 +55,16 @@ for p in $PARTS; do
           for run in empty warm; do
             part cold-$run 200 "${COMMON[@]}" --only server --set denoiser.fp8=true --set model.compile_cache_dir=$CACHE \
               --c1-requests 4 --cn-requests 4 --concurrency 2 --cn-warmup 0 --label "cold start, $run compile cache"
+          done ;;
+    coldab) # the page cache warmed for both, then each variant's empty start, then each one's warm start
+          python -c "import torch, torch._dynamo, diffusers.models.transformers.transformer_z_image, transformers, ray.serve" > /dev/null 2>&1
+          for run in empty warm; do
+            for v in base new; do
+              CACHE=/tmp/cold-cache-$v-$$; [ $run = empty ] && rm -rf "$CACHE"
+              sets=(); [ $v = new ] && sets=(${COLD_NEW:---set denoiser.attention_mask_always=true --set vae.static_sizes_after_start=true})
+              part cold-$v-$run 200 "${COMMON[@]}" --only server --set denoiser.fp8=true --set model.compile_cache_dir=$CACHE "${sets[@]}" \
+                --c1-requests 8 --cn-requests 4 --concurrency 2 --cn-warmup 0 --label "cold start, $v, $run compile cache"
+            done
           done ;;
     stages) echo "=== stages (limit 300s) $(date +%T)"
           timeout 300 python benchmarks/bench_stages.py --out "$OUT/stages.json" --skip-diffusers --repeats 10 \

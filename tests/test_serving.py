@@ -185,7 +185,8 @@ def test_stats_report_each_stage_platform_and_the_engine_choice(serve_app):
     for stage in ("text_encoder", "denoiser", "vae"):
         assert stats[stage]["platform"]["vendor"] == "cpu", stats[stage]
         startup = stats[stage]["startup_s"]  # where the replica's start went
-        assert set(startup) == {"build", "warmup"} and startup["build"] > 0 and startup["warmup"] > 0, startup
+        assert set(startup) == {"build", "warmup", "compile"} and startup["build"] > 0 and startup["warmup"] > 0, startup
+        assert startup["compile"] == 0 == stats[stage]["startup_compiles"]  # of it compiling: nothing on CPU
         # nothing compiles on CPU, and nothing compiled on the request path
         assert stats[stage]["compile"]["compiles_while_serving"] == 0 == stats[stage]["compile"]["recompile_limit_hits"]
     engine = stats["denoiser"]["engine"]  # what the DiT builder applied

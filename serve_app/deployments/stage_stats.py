@@ -16,7 +16,7 @@ from serve_app.engines.compile_watch import compile_watch
 from serve_app.engines.devices import cap_process_memory
 
 
-def startup_line(stage: str, engine: Any, startup_s: dict[str, float]) -> str:
+def startup_line(stage: str, engine: Any, startup_s: dict[str, float], compiles: int = 0) -> str:
     """One line per stage at start: where it runs and with what, and where its start went."""
     info = engine.info() if hasattr(engine, "info") else {}
     attention = info.get("attention") or {}
@@ -31,7 +31,20 @@ def startup_line(stage: str, engine: Any, startup_s: dict[str, float]) -> str:
     if info.get("sp"):
         parts.append(f"SP {info['sp'].get('ulysses_degree')}x{info['sp'].get('ring_degree')}")
     parts.append(f"build {startup_s.get('build', 0):.1f} s, warm-up {startup_s.get('warmup', 0):.1f} s")
+    if compiles:
+        parts[-1] += f" ({startup_s.get('compile', 0):.1f} s of it compiling {compiles} torch.compile graphs)"
     return ", ".join(parts)
+
+
+def log_through_serve() -> None:
+    """Our own modules' log lines (serve_app.*: torch.compile at start and off the request path, warnings)
+    at INFO through the replica's Serve logger: its log file and console, with the replica's context."""
+    ours, serve_logger = logging.getLogger("serve_app"), logging.getLogger("ray.serve")
+    for handler in serve_logger.handlers:
+        if handler not in ours.handlers:
+            ours.addHandler(handler)
+    if serve_logger.handlers:
+        ours.setLevel(logging.INFO)
 
 
 class StageStats:
@@ -45,7 +58,9 @@ class StageStats:
         self.items = 0
         self.busy_s = 0.0
         self.batch_sizes: collections.Counter = collections.Counter()
-        self.startup_s: dict[str, float] = {}  # where the replica's start went: build (load + switches), warmup
+        # where the replica's start went: build (load + switches), warmup; compile(s): torch.compile within them
+        self.startup_s: dict[str, float] = {}
+        self.startup_compiles = 0  # torch.compile graphs built during build + warm-up
         self.startup_peak_memory_bytes: int | None = None
         self.compile_watch = None
         self.metrics = None  # serve_app.metrics.StageMetrics once serving (Prometheus, through Ray Serve)
@@ -58,13 +73,18 @@ class StageStats:
         where the start went."""
         if gpu_memory_gb is not None and torch.cuda.is_available():
             cap_process_memory(gpu_memory_gb, torch.device("cuda", torch.cuda.current_device()))
+        log_through_serve()
         watch = compile_watch()
+        before = watch.snapshot()
         t0 = time.perf_counter()
         engine = build()
         t1 = time.perf_counter()
         stats = cls(engine.device)
         warmup(engine)
-        stats.startup_s = {"build": t1 - t0, "warmup": time.perf_counter() - t1}
+        compiled = watch.snapshot()
+        stats.startup_s = {"build": t1 - t0, "warmup": time.perf_counter() - t1,  # compile: within build + warm-up
+                           "compile": compiled["compile_s"] - before["compile_s"]}
+        stats.startup_compiles = compiled["compiles"] - before["compiles"]
         watch.serving()  # a compile from now on is on the request path: counted and logged
         stats.compile_watch = watch
         if engine.device.type == "cuda":  # what start-up needed, then the serving peak from here on
@@ -74,7 +94,7 @@ class StageStats:
             from serve_app.metrics import StageMetrics
 
             stats.metrics = StageMetrics(stage)
-            logging.getLogger("ray.serve").info("%s", startup_line(stage, engine, stats.startup_s))
+            logging.getLogger("ray.serve").info("%s", startup_line(stage, engine, stats.startup_s, stats.startup_compiles))
         return engine, stats
 
     def timed(self, fn: Callable[[list], list], items: list, kind: str | None = None) -> tuple[list, float]:
@@ -116,6 +136,7 @@ class StageStats:
                 "startup_peak_memory_bytes": self.startup_peak_memory_bytes,
                 "memory_in_use_bytes": torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else None,
                 "startup_s": {k: round(v, 3) for k, v in self.startup_s.items()},
+                "startup_compiles": self.startup_compiles,
                 # torch.compile in this process; for an SP denoiser the ranks' (rank 0) replace it
                 "compile": self.compile_watch.snapshot() if self.compile_watch is not None else None,
             }
