@@ -61,8 +61,8 @@ for p in $PARTS; do
           for run in empty warm; do
             for v in base new; do
               CACHE=/tmp/cold-cache-$v-$$; [ $run = empty ] && rm -rf "$CACHE"
-              sets=(); [ $v = new ] && sets=(${COLD_NEW:---set denoiser.attention_mask_always=true --set vae.static_sizes_after_start=true})
-              part cold-$v-$run 200 "${COMMON[@]}" --only server --set denoiser.fp8=true --set model.compile_cache_dir=$CACHE "${sets[@]}" \
+              sets=(); [ $v = new ] && sets=(${COLD_NEW:---set vae.prefill_static_graphs=true})
+              part cold-$v-$run $([ $run = empty ] && echo 170 || echo 110) "${COMMON[@]}" --only server --set denoiser.fp8=true --set model.compile_cache_dir=$CACHE "${sets[@]}" \
                 --c1-requests 8 --cn-requests 4 --concurrency 2 --cn-warmup 0 --label "cold start, $v, $run compile cache"
             done
           done ;;

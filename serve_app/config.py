@@ -92,10 +92,6 @@ class DenoiserConfig(_Strict):
     # RoPE in real arithmetic, which Inductor fuses into the q/k norms, instead of diffusers' complex
     # multiply (benchmarks/README.md, "real RoPE"); the same result in float32
     real_rope: bool = True
-    # FA3: every block gets a key mask, all True where the batch's sequences are of one length,
-    # instead of none there: one graph per block kind and batch, not two, to build at start (FA3 takes the
-    # mask as key lengths; SDPA would leave its flash kernel for a masked one, so only with FA3)
-    attention_mask_always: bool = False
     warmup_sizes: list[tuple[int, int]] = Field(default_factory=list)  # (height, width) warmed at start
     ulysses_degree: int = Field(1, ge=1)
     ring_degree: int = Field(1, ge=1)
@@ -176,9 +172,10 @@ class VaeConfig(_Strict):
     # (height, width) that also get a static graph each, compiled at start (with compile_dynamic): its
     # kernels are faster than the symbolic graph's at that size (benchmarks/README.md, "VAE static graphs")
     static_sizes: list[tuple[int, int]] = []
-    # compile the static graphs after the replica is up, on a thread off the request path, instead of at
-    # start: the symbolic graph serves those sizes until theirs is ready (a shorter start on an empty cache)
-    static_sizes_after_start: bool = False
+    # a child process compiles the static graphs into the compile cache while the replica compiles its
+    # symbolic one, so the replica's static compiles are cache hits (serve_app/engines/vae_static_prefill.py;
+    # a GPU not capped by gpu_memory_gb)
+    prefill_static_graphs: bool = False
 
     @model_validator(mode="after")
     def _static_sizes_decode_whole(self) -> "VaeConfig":
@@ -441,7 +438,7 @@ class AppConfig(_Strict):
         sizes = self.start_sizes()
         if not compiled:
             return sizes
-        sizes += [tuple(x) for x in self.vae.static_sizes if tuple(x) not in sizes]  # the symbolic graph there too, after start
+        sizes += [tuple(x) for x in self.vae.static_sizes if tuple(x) not in sizes]
         m, top = self.server.size_multiple, self.server.max_size
         side = (math.isqrt(self.vae.tiling_min_pixels) // m + 1) * m  # side * side > tiling_min_pixels
         if side <= top and not any(h * w > self.vae.tiling_min_pixels for h, w in sizes):

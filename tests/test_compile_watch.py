@@ -15,6 +15,7 @@ def test_compiles_while_serving_and_recompile_limit_hits_are_counted(caplog):
     before = watch.snapshot()
     f(torch.randn(8, 8))  # warm-up: not on the request path
     assert watch.snapshot()["compiles"] == before["compiles"] + 1
+    assert watch.snapshot()["compile_s"] > before["compile_s"]  # every compile is timed, at start too
     assert watch.snapshot()["compiles_while_serving"] == before["compiles_while_serving"]
 
     watch.serving()
@@ -36,29 +37,3 @@ def test_compiles_while_serving_and_recompile_limit_hits_are_counted(caplog):
     assert watch.snapshot()["recompile_limit_hits"] == after["recompile_limit_hits"] + 1
     assert any("recompile limit" in r.getMessage() for r in caplog.records)
 
-
-def test_a_compile_in_background_is_counted_apart_from_the_request_path(caplog):
-    """A graph built on a thread inside `background()` once serving (the VAE's static graphs with
-    `vae.static_sizes_after_start`) is not a compile on the request path; every compile adds to `compile_s`."""
-    import threading
-
-    watch = compile_watch()
-    watch.serving()
-    f = torch.compile(lambda x: x @ x + 1, dynamic=False)
-    before = watch.snapshot()
-
-    def build():
-        with watch.background():
-            f(torch.randn(4, 4))
-
-    with caplog.at_level(logging.INFO, logger="serve_app.engines.compile_watch"):
-        t = threading.Thread(target=build)
-        t.start()
-        t.join()
-    after = watch.snapshot()
-    assert after["background_compiles"] == before["background_compiles"] + 1
-    assert after["compiles_while_serving"] == before["compiles_while_serving"]
-    assert after["compile_s"] > before["compile_s"] and after["background_compile_s"] > before["background_compile_s"]
-    assert any("off the request path" in r.getMessage() for r in caplog.records)
-    f(torch.randn(5, 5))  # the same function on a request thread: on the request path again
-    assert watch.snapshot()["compiles_while_serving"] == before["compiles_while_serving"] + 1

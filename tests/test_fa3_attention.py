@@ -118,25 +118,3 @@ def test_the_build_record_is_what_the_processors_run(tiny_dir, reference_fa3, mo
     plain = _engine(tiny_dir)
     assert plain.build.attention == dict.fromkeys(BLOCK_GROUPS, "native") == installed_attention(plain.transformer)
     assert any("_flash_3" in w for w in plain.build.warnings)
-
-
-def test_a_mask_always_gives_the_same_latents_and_one_attention_form(tiny_dir, reference_fa3, monkeypatch):
-    """`denoiser.attention_mask_always`: every block gets a key mask (all True where diffusers passes none),
-    so that a compiled block has one graph per batch form; FA3 takes it as key lengths, the result is the same."""
-    simulate_hopper(monkeypatch.setattr)
-    plain = _engine(tiny_dir)
-    always = DenoiserEngine(ModelConfig(source="tiny", tiny_dir=str(tiny_dir)), DenoiserConfig(attention_mask_always=True))
-    assert always.build.attention_mask_always and not plain.build.attention_mask_always
-    for lengths in ([20], [20, 20], [20, 40]):
-        reference_fa3.clear()
-        expected = torch.stack(plain.denoise(_requests(plain, lengths)))
-        forms = {c[0] == "varlen" for c in reference_fa3}
-        reference_fa3.clear()
-        torch.testing.assert_close(torch.stack(always.denoise(_requests(always, lengths))), expected, rtol=0, atol=1e-5)
-        assert reference_fa3 and all(c[0] == "varlen" for c in reference_fa3)  # every attention through key lengths
-        assert forms == ({True, False} if len(set(lengths)) > 1 else {False})  # without it: two forms in one model
-
-
-def test_a_mask_always_is_off_without_fa3(tiny_dir):
-    engine = DenoiserEngine(ModelConfig(source="tiny", tiny_dir=str(tiny_dir)), DenoiserConfig(attention_mask_always=True))
-    assert not engine.build.attention_mask_always  # SDPA would trade its flash kernel for a masked one

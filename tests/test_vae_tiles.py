@@ -69,23 +69,3 @@ def test_static_sizes_must_decode_in_one_piece():
     for bad in ([[1000, 1024]], [[4096, 4096]], [[0, 16]]):
         with pytest.raises(ValidationError, match="static_sizes"):
             VaeConfig(static_sizes=bad)
-
-
-def test_a_static_graph_built_after_start_takes_over_its_size_once_ready(tiny_dir):
-    """`vae.static_sizes_after_start`: until `build_static` has compiled the static graph, the symbolic one
-    serves that size; afterwards the static one does, with the same pixels."""
-    torch._dynamo.reset()
-    vae = AutoencoderKL.from_pretrained(str(tiny_dir), subfolder="vae").eval()
-    decoder = StaticOrSymbolic(vae.decoder, [(8, 8)], backend="eager", ready=False)
-    counts = torch._dynamo.utils.counters["frames"]
-    before = counts["ok"]
-    z = torch.randn(1, vae.config.latent_channels, 8, 8)
-    with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False):
-        torch.testing.assert_close(decoder(z.clone()), vae.decoder(z))  # clones: the symbolic call marks its input
-        other = torch.randn(1, vae.config.latent_channels, 10, 12)
-        torch.testing.assert_close(decoder(other), vae.decoder(other))
-        assert counts["ok"] - before == 1 and decoder.ready == set()  # 8x8 and 10x12 both through the symbolic graph
-        decoder.build_static(torch.zeros_like(z))
-        assert decoder.ready == {(8, 8)} and counts["ok"] - before == 2
-        torch.testing.assert_close(decoder(z.clone()), vae.decoder(z))
-        assert counts["ok"] - before == 2  # served by the static graph just built

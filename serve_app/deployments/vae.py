@@ -29,7 +29,6 @@ class VaeDecoderDeployment:
             lambda engine: engine.warm_up(cfg.vae_start_sizes(engine.compiled)),
             cfg.vae_deployment.gpu_memory_gb, stage="vae",
         )
-        self.engine.build_static_graphs_in_background()  # with vae.static_sizes_after_start; else nothing
         self.latent_channels = int(self.engine.vae.config.latent_channels)
         self._decode_batch.set_max_batch_size(cfg.vae_deployment.max_batch_size)
         self._decode_batch.set_batch_wait_timeout_s(cfg.vae_deployment.batch_wait_timeout_s)

@@ -3,14 +3,12 @@
 Each stage process installs one `CompileWatch` (compiles are process-wide). Every Dynamo compile is
 timed and logged with its cause (Dynamo's own recompile reason, captured from its `recompiles` log): at
 start as information (where a start's seconds went), and after `serving()` as a warning, counted as on
-the request path, except on a thread inside `background()` (a graph built off the request path while the
-replica serves: counted apart). Every time Dynamo gives up on a frame at its recompile limit (it then runs
+the request path. Every time Dynamo gives up on a frame at its recompile limit (it then runs
 that frame eagerly) is counted and logged as a warning.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -47,11 +45,8 @@ class CompileWatch:
         self._serving = False
         self._started: dict[str, float] = {}
         self._reason: str | None = None
-        self._background = threading.local()
         self.compiles = 0  # all Dynamo compiles in this process
         self.compile_s = 0.0
-        self.background_compiles = 0  # inside `background()` once serving: off the request path
-        self.background_compile_s = 0.0
         self.compiles_while_serving = 0
         self.compile_s_while_serving = 0.0
         self.recompile_limit_hits = 0
@@ -68,41 +63,26 @@ class CompileWatch:
         with self._lock:
             self._serving = True
 
-    @contextlib.contextmanager
-    def background(self):
-        """Compiles on this thread inside the block are off the request path (a graph built while the
-        replica serves from other graphs): counted as `background_compiles`, not as while serving."""
-        self._background.on = True
-        try:
-            yield
-        finally:
-            self._background.on = False
-
     def _start(self, compile_id: str) -> None:
         with self._lock:
             self._started[compile_id] = time.perf_counter()
 
     def _end(self, compile_id: str) -> None:
-        background = getattr(self._background, "on", False)
         with self._lock:
             t0 = self._started.pop(compile_id, None)
             dt = time.perf_counter() - t0 if t0 is not None else 0.0
             reason, self._reason = self._reason or "first compile of this frame", None
             self.compiles += 1
             self.compile_s += dt
-            where = "start" if not self._serving else "background" if background else "request"
-            if where == "background":
-                self.background_compiles += 1
-                self.background_compile_s += dt
-            elif where == "request":
+            serving = self._serving
+            if serving:
                 self.compiles_while_serving += 1
                 self.compile_s_while_serving += dt
                 self.last_while_serving = reason
-        if where == "request":
+        if serving:
             log.warning("torch.compile while serving (%.1f s, compile %s): %s", dt, compile_id, reason)
         else:
-            log.info("torch.compile %s (%.1f s, compile %s): %s",
-                     "at start" if where == "start" else "off the request path", dt, compile_id, reason)
+            log.info("torch.compile at start (%.1f s, compile %s): %s", dt, compile_id, reason)
 
     def _limit_hit(self, msg: str) -> None:
         with self._lock:
@@ -114,8 +94,6 @@ class CompileWatch:
             return {
                 "compiles": self.compiles,
                 "compile_s": round(self.compile_s, 3),
-                "background_compiles": self.background_compiles,
-                "background_compile_s": round(self.background_compile_s, 3),
                 "compiles_while_serving": self.compiles_while_serving,
                 "compile_s_while_serving": round(self.compile_s_while_serving, 3),
                 "recompile_limit_hits": self.recompile_limit_hits,

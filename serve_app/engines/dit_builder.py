@@ -29,7 +29,6 @@ from serve_app.engines.fused_projections import fuse_projections
 from serve_app.engines.library_internals import (
     check_library_versions,
     contiguous_rope_tables,
-    key_mask_always,
     processor_backend,
     processor_parallel_config,
     processors,
@@ -67,7 +66,6 @@ class DiTBuild:
     real_rope: bool
     fp8_dtype: str | None
     fused_projections: bool  # Q/K/V and w1/w3 as one linear each (serve_app/engines/fused_projections.py)
-    attention_mask_always: bool  # every block gets a key mask, all True for one-length batches (FA3 only)
     compile: bool
     compile_dynamic: bool
     sp: dict | None  # ulysses_degree, ring_degree, attention, ulysses_exchange, pads_sequence, shards_noise_refiner
@@ -167,10 +165,7 @@ def build_dit(model_cfg: ModelConfig, cfg: DenoiserConfig, device: torch.device,
 
         install_side_paths(transformer, lora_max_rank, device, dtype)
 
-    # 5. regional compile: one graph per block class (and batch form: one with the mask always there)
-    mask_always = bool(cfg.attention_mask_always and fa3 and not sharded)
-    if mask_always:
-        key_mask_always(transformer)
+    # 5. regional compile: one graph per block class
     if settings.compile.enabled:
         raise_recompile_limits()
         contiguous_rope_tables(transformer)
@@ -181,7 +176,6 @@ def build_dit(model_cfg: ModelConfig, cfg: DenoiserConfig, device: torch.device,
         real_rope=cfg.real_rope,
         fp8_dtype=settings.fp8_dtype if settings.fp8 else None,
         fused_projections=bool(cfg.fuse_projections),
-        attention_mask_always=mask_always,
         compile=settings.compile.enabled,
         compile_dynamic=settings.compile.enabled and settings.compile.dynamic,
         sp=sp_info,

@@ -102,26 +102,6 @@ def contiguous_rope_tables(transformer) -> None:
     transformer._prepare_sequence = prepare_sequence
 
 
-def key_mask_always(transformer) -> None:
-    """Hand every block a key mask, all True where diffusers passes None (the batch's sequences of one
-    length, batch 1 always), so a compiled block sees one mask form and has one graph per block kind and
-    batch instead of two (`denoiser.attention_mask_always`; FA3 takes the mask as key lengths at no cost,
-    benchmarks/README.md, "one mask form"). `_prepare_sequence` and `_build_unified_sequence` return the
-    mask third."""
-
-    def with_mask(fn):
-        def wrapped(*args, **kwargs):
-            seq, freqs, mask, *rest = fn(*args, **kwargs)
-            if mask is None:
-                mask = torch.ones(seq.shape[:2], dtype=torch.bool, device=seq.device)
-            return (seq, freqs, mask, *rest)
-
-        return wrapped
-
-    transformer._prepare_sequence = with_mask(transformer._prepare_sequence)
-    transformer._build_unified_sequence = with_mask(transformer._build_unified_sequence)
-
-
 # ---- torch -----------------------------------------------------------------------------------------
 
 

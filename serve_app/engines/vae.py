@@ -9,20 +9,13 @@ draw), shifted and scaled; uint8 pixels travel in, latents in the VAE's dtype tr
 
 from __future__ import annotations
 
-import logging
-import threading
-import time
-
 import torch
 
 from serve_app.engines.compile_cache import use_compile_cache
-from serve_app.engines.compile_watch import compile_watch
 from serve_app.config import ModelConfig, VaeConfig
-from serve_app.engines.devices import placement
+from serve_app.engines.devices import placement, process_memory_capped
 from serve_app.engines.library_internals import mark_spatial_dims_dynamic
 from serve_app.engines.model_sources import load_vae
-
-log = logging.getLogger(__name__)
 
 
 class SpatialDynamicCall(torch.nn.Module):
@@ -43,25 +36,18 @@ class SpatialDynamicCall(torch.nn.Module):
 class StaticOrSymbolic(torch.nn.Module):
     """The compiled decoder twice: a static graph for the latent shapes in `static_shapes` (batch 1), the
     symbolic one (`SpatialDynamicCall`) for every other shape and every tile. Static kernels are faster at
-    the sizes a server mostly serves (benchmarks/README.md, "VAE static graphs"). With `ready` False a
-    static shape is served by the symbolic graph until `build_static` has compiled its own."""
+    the sizes a server mostly serves (benchmarks/README.md, "VAE static graphs")."""
 
-    def __init__(self, decoder, static_shapes, backend: str = "inductor", ready: bool = True):
+    def __init__(self, decoder, static_shapes, backend: str = "inductor"):
         super().__init__()
         self.static = torch.compile(decoder, backend=backend, dynamic=False)
         self.symbolic = SpatialDynamicCall(torch.compile(decoder, backend=backend, dynamic=None))
         self.static_shapes = set(static_shapes)
-        self.ready = set(self.static_shapes) if ready else set()  # the shapes the static graph serves now
 
     def forward(self, z, *args, **kwargs):
-        if z.shape[0] == 1 and tuple(z.shape[2:]) in self.ready:
+        if z.shape[0] == 1 and tuple(z.shape[2:]) in self.static_shapes:
             return self.static(z, *args, **kwargs)
         return self.symbolic(z, *args, **kwargs)
-
-    def build_static(self, z: torch.Tensor) -> None:
-        """Compile the static graph at `z`'s shape (the decoder's input, batch 1), then serve that shape with it."""
-        self.static(z)
-        self.ready.add(tuple(z.shape[2:]))
 
 
 class VaeEngine:
@@ -69,14 +55,19 @@ class VaeEngine:
         self.cfg = cfg
         self.compile_cache_dir = use_compile_cache(model_cfg.compile_cache_dir)
         self.device, self.dtype = placement(model_cfg)
+        self.prefill = None  # the child compiling the static graphs meanwhile (serve_app/engines/vae_static_prefill.py)
+        if (cfg.prefill_static_graphs and cfg.compile and cfg.compile_dynamic and cfg.static_sizes
+                and self.device.type == "cuda" and not process_memory_capped(self.device)):
+            from serve_app.engines.vae_static_prefill import start_prefill
+
+            self.prefill = start_prefill(model_cfg.model_dump_json(), [(h // 8, w // 8) for h, w in cfg.static_sizes])
         self.vae = load_vae(model_cfg, self.device, self.dtype)
         self.scaling_factor = self.vae.config.scaling_factor
         self.shift_factor = self.vae.config.shift_factor
         self.compiled = bool(cfg.compile and self.device.type != "cpu")
         self.spatial_dynamic = self.compiled and cfg.compile_dynamic
         if self.spatial_dynamic and cfg.static_sizes:
-            self.vae.decoder = StaticOrSymbolic(self.vae.decoder, [(h // 8, w // 8) for h, w in cfg.static_sizes],
-                                                ready=not cfg.static_sizes_after_start)
+            self.vae.decoder = StaticOrSymbolic(self.vae.decoder, [(h // 8, w // 8) for h, w in cfg.static_sizes])
         elif self.compiled:
             # dynamic=None: the dims marked at each call are symbolic, the rest (batch 1, channels) static
             decoder = torch.compile(self.vae.decoder, dynamic=None if self.spatial_dynamic else False)
@@ -91,32 +82,13 @@ class VaeEngine:
             h, w = sizes[0]
             with torch.no_grad():  # the decoder's own input: post_quant_conv keeps the latent's shape
                 self.vae.decoder.symbolic(torch.zeros(1, c, h // 8, w // 8, device=self.device, dtype=self.dtype))
+        if self.prefill is not None:  # its static graphs are in the cache now (or this process compiles them)
+            from serve_app.engines.vae_static_prefill import wait_prefill
+
+            wait_prefill(self.prefill)
+            self.prefill = None
         for h, w in sizes:
             self.decode([torch.zeros(c, h // 8, w // 8)])
-
-    def build_static_graphs_in_background(self) -> threading.Thread | None:
-        """With `vae.static_sizes_after_start`: compile the static graphs not built yet on a thread of their
-        own, off the request path (the symbolic graph serves their sizes meanwhile; the compiles are counted
-        as background ones). Returns the thread, or None when there is nothing to build."""
-        decoder = self.vae.decoder
-        if not isinstance(decoder, StaticOrSymbolic) or decoder.ready == decoder.static_shapes:
-            return None
-        c = self.vae.config.latent_channels
-
-        def build():
-            with compile_watch().background(), torch.no_grad():
-                for shape in sorted(decoder.static_shapes - decoder.ready, reverse=True):
-                    t0 = time.perf_counter()
-                    try:
-                        decoder.build_static(torch.zeros(1, c, *shape, device=self.device, dtype=self.dtype))
-                    except Exception as e:  # the symbolic graph goes on serving that size
-                        log.warning("VAE static graph for %dx%d failed: %s: %s", 8 * shape[0], 8 * shape[1], type(e).__name__, str(e)[:300])
-                        continue
-                    log.info("VAE static graph for %dx%d built off the request path in %.1f s", 8 * shape[0], 8 * shape[1], time.perf_counter() - t0)
-
-        thread = threading.Thread(target=build, name="vae-static-graphs", daemon=True)
-        thread.start()
-        return thread
 
     @torch.no_grad()
     def decode(self, latents: list[torch.Tensor]) -> list[torch.Tensor]:
