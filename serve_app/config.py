@@ -174,8 +174,8 @@ class VaeConfig(_Strict):
     static_sizes: list[tuple[int, int]] = []
     # a child process compiles the static graphs into the compile cache while the replica compiles its
     # symbolic one, so the replica's static compiles are cache hits (serve_app/engines/vae_static_prefill.py;
-    # a GPU not capped by gpu_memory_gb)
-    prefill_static_graphs: bool = False
+    # a GPU not capped by gpu_memory_gb; benchmarks/README.md, "cold start": H200 empty cache 145 -> 116 s)
+    prefill_static_graphs: bool = True
 
     @model_validator(mode="after")
     def _static_sizes_decode_whole(self) -> "VaeConfig":

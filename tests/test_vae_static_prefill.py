@@ -21,3 +21,14 @@ def test_a_failed_child_leaves_the_compiles_to_the_replica(caplog):
     with caplog.at_level(logging.WARNING, logger="serve_app.engines.vae_static_prefill"):
         assert not wait_prefill(start_prefill(model, [(8, 8)], backend="eager"), timeout_s=120)
     assert any("compiles them itself" in r.getMessage() for r in caplog.records)
+
+
+def test_a_child_no_longer_needed_is_stopped(tiny_dir, caplog):
+    """A warm cache (the replica's symbolic graph came from it): the child is stopped, not waited for."""
+    from serve_app.engines.vae_static_prefill import stop_prefill
+
+    child = start_prefill(ModelConfig(source="tiny", tiny_dir=str(tiny_dir), device="cpu").model_dump_json(), [(8, 8)], backend="eager")
+    with caplog.at_level(logging.INFO, logger="serve_app.engines.vae_static_prefill"):
+        stop_prefill(child)
+    assert child.returncode is not None
+    assert any("already holds" in r.getMessage() for r in caplog.records)

@@ -169,6 +169,13 @@ def on_dynamo_compile(start, end) -> None:
     callback_handler.register_end_callback(lambda args: end(str(args.compile_id)))
 
 
+def fx_graph_cache_misses() -> int:
+    """How many graphs Inductor has compiled in this process without finding them in its FX-graph cache."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["fxgraph_cache_miss"]
+
+
 def mark_spatial_dims_dynamic(t: torch.Tensor) -> None:
     """Compile `t`'s height and width (dims 2, 3) as symbols, so that one graph serves every size."""
     torch._dynamo.maybe_mark_dynamic(t, 2)

@@ -14,7 +14,7 @@ import torch
 from serve_app.engines.compile_cache import use_compile_cache
 from serve_app.config import ModelConfig, VaeConfig
 from serve_app.engines.devices import placement, process_memory_capped
-from serve_app.engines.library_internals import mark_spatial_dims_dynamic
+from serve_app.engines.library_internals import fx_graph_cache_misses, mark_spatial_dims_dynamic
 from serve_app.engines.model_sources import load_vae
 
 
@@ -78,14 +78,16 @@ class VaeEngine:
         the symbolic one (which serves every other size) is traced first and at the first size, as it is
         without them: Inductor keeps the kernels it picked for the size it first traced."""
         c = self.vae.config.latent_channels
+        misses = fx_graph_cache_misses()
         if isinstance(self.vae.decoder, StaticOrSymbolic) and sizes:
             h, w = sizes[0]
             with torch.no_grad():  # the decoder's own input: post_quant_conv keeps the latent's shape
                 self.vae.decoder.symbolic(torch.zeros(1, c, h // 8, w // 8, device=self.device, dtype=self.dtype))
         if self.prefill is not None:  # its static graphs are in the cache now (or this process compiles them)
-            from serve_app.engines.vae_static_prefill import wait_prefill
+            from serve_app.engines.vae_static_prefill import stop_prefill, wait_prefill
 
-            wait_prefill(self.prefill)
+            # the symbolic graph came from the cache: so will the static ones, sooner than the child is done
+            (stop_prefill if fx_graph_cache_misses() == misses else wait_prefill)(self.prefill)
             self.prefill = None
         for h, w in sizes:
             self.decode([torch.zeros(c, h // 8, w // 8)])

@@ -6,7 +6,8 @@ longest part of a start (H200: symbolic 45 s, then static 1024² 20 s and 512² 
 benchmarks/README.md, "cold start"). A static graph does not depend on anything compiled before it, so a
 child process compiles the same graphs into the same cache (`TORCHINDUCTOR_CACHE_DIR`) meanwhile, and the
 replica's own static compiles find them there. The child holds a VAE of its own on the same GPU for its
-lifetime; it is not started where the replica's memory is capped (a small card), and a failed child only
+lifetime, and is stopped once the replica's symbolic graph came from the cache (a warm cache: the
+static graphs are there too, and waiting for the child would only lengthen the start). It is not started where the replica's memory is capped (a small card), and a failed child only
 means the replica compiles them itself. Ours: torch has no API to compile graphs for another process.
 
     python -m serve_app.engines.vae_static_prefill '<ModelConfig JSON>' '[[h, w], ...]'   # latent sizes
@@ -45,6 +46,13 @@ def wait_prefill(child: subprocess.Popen, timeout_s: float = 300.0) -> bool:
     else:
         log.info("VAE static graphs prefilled by a child process (waited %.1f s for it)", time.perf_counter() - t0)
     return rc == 0
+
+
+def stop_prefill(child: subprocess.Popen) -> None:
+    """The cache was warm (the replica's symbolic graph came from it): the child is not needed."""
+    child.kill()
+    child.wait()
+    log.info("VAE static graph prefill stopped: the compile cache already holds the VAE's graphs")
 
 
 def main(model_json: str, shapes_json: str, backend: str) -> None:
