@@ -37,7 +37,7 @@ def startup_line(stage: str, engine: Any, startup_s: dict[str, float], compiles:
 
 
 def log_through_serve() -> None:
-    """Our own modules' log lines (serve_app.*: torch.compile at start and off the request path, warnings)
+    """Our own modules' log lines (serve_app.*: each torch.compile at start, warnings)
     at INFO through the replica's Serve logger: its log file and console, with the replica's context."""
     ours, serve_logger = logging.getLogger("serve_app"), logging.getLogger("ray.serve")
     for handler in serve_logger.handlers:

@@ -6,9 +6,10 @@ longest part of a start (H200: symbolic 45 s, then static 1024² 20 s and 512² 
 benchmarks/README.md, "cold start"). A static graph does not depend on anything compiled before it, so a
 child process compiles the same graphs into the same cache (`TORCHINDUCTOR_CACHE_DIR`) meanwhile, and the
 replica's own static compiles find them there. The child holds a VAE of its own on the same GPU for its
-lifetime, and is stopped once the replica's symbolic graph came from the cache (a warm cache: the
-static graphs are there too, and waiting for the child would only lengthen the start). It is not started where the replica's memory is capped (a small card), and a failed child only
-means the replica compiles them itself. Ours: torch has no API to compile graphs for another process.
+lifetime. It is stopped once the replica's symbolic graph came from the cache (a warm cache: the static
+graphs are there too, and waiting for the child would only lengthen the start), and not started where the
+replica's memory is capped (a small card); a failed child only means the replica compiles them itself.
+Ours: torch has no API to compile graphs for another process.
 
     python -m serve_app.engines.vae_static_prefill '<ModelConfig JSON>' '[[h, w], ...]'   # latent sizes
 """
