@@ -14,10 +14,9 @@
 #         replicas, direct ingress, user code on the replica's event loop)
 #   tputobj  the same with RAY_SERVE_USE_GRPC_BY_DEFAULT=0: results through the object store as by default
 #   attn  bench_attention.py: 1024² batch 1; 512² batch 8 and 1024² batch 2 with padded captions
-#   coldab  cold start (as cold) of the config as it is ("base") and with COLD_NEW's --set switches ("new"): both
-#         empty, then both warm, each on its own cache
 #   cold  cold start of the FP8 server (start_to_healthy_s, each replica's build / warmup): a fresh, empty
-#         compile cache, then the same server restarted on that cache
+#         compile cache, then the same server restarted on that cache; with COLD_NEW="--set ..." also the config
+#         with those switches ("new" against "base"), both empty, then both warm, each on its own cache
 #   stages  engine level (bench_stages.py): compiled DiT bf16 and FP8 with RoPE in real arithmetic vs
 #         diffusers' complex multiply (+ profiles), text encoder, VAE compile
 #   graphs  engine level (bench_stages.py): FP8 + FA3 + fused DiT with and without CUDA graphs at 512² (forward
@@ -51,19 +50,15 @@ part() {  # name, time limit, compare.py arguments...
 
 for p in $PARTS; do
   case $p in
-    cold) CACHE=/tmp/cold-cache-$$; rm -rf "$CACHE"  # not $CC: Triton builds its helpers with the compiler named by $CC
-          for run in empty warm; do
-            part cold-$run 200 "${COMMON[@]}" --only server --set denoiser.fp8=true --set model.compile_cache_dir=$CACHE \
-              --c1-requests 4 --cn-requests 4 --concurrency 2 --cn-warmup 0 --label "cold start, $run compile cache"
-          done ;;
-    coldab) # the page cache warmed for both, then each variant's empty start, then each one's warm start
+    cold) # the page cache warmed, then each variant's empty start, then each one's warm start, each on its own cache
           python -c "import torch, torch._dynamo, diffusers.models.transformers.transformer_z_image, transformers, ray.serve" > /dev/null 2>&1
           for run in empty warm; do
-            for v in base new; do
-              CACHE=/tmp/cold-cache-$v-$$; [ $run = empty ] && rm -rf "$CACHE"
-              sets=(); [ $v = new ] && sets=(${COLD_NEW:---set vae.prefill_static_graphs=true})
-              part cold-$v-$run $([ $run = empty ] && echo 170 || echo 110) "${COMMON[@]}" --only server --set denoiser.fp8=true --set model.compile_cache_dir=$CACHE "${sets[@]}" \
-                --c1-requests 8 --cn-requests 4 --concurrency 2 --cn-warmup 0 --label "cold start, $v, $run compile cache"
+            for v in base ${COLD_NEW:+new}; do
+              CACHE=/tmp/cold-cache-$v-$$; [ $run = empty ] && rm -rf "$CACHE"  # not $CC: Triton's helpers build with $CC
+              sets=(); [ $v = new ] && sets=($COLD_NEW)
+              part cold-$v-$run $([ $run = empty ] && echo 200 || echo 110) "${COMMON[@]}" --only server --set denoiser.fp8=true \
+                --set model.compile_cache_dir=$CACHE "${sets[@]}" --c1-requests 8 --cn-requests 4 --concurrency 2 --cn-warmup 0 \
+                --label "cold start, $v, $run compile cache"
             done
           done ;;
     stages) echo "=== stages (limit 300s) $(date +%T)"

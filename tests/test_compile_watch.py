@@ -36,4 +36,3 @@ def test_compiles_while_serving_and_recompile_limit_hits_are_counted(caplog):
         torch._dynamo.config.recompile_limit = old
     assert watch.snapshot()["recompile_limit_hits"] == after["recompile_limit_hits"] + 1
     assert any("recompile limit" in r.getMessage() for r in caplog.records)
-
