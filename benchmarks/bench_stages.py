@@ -10,7 +10,8 @@ One device run, random-full weights (real architecture, random values), bf16, 10
      `fp8_compile_static` (FP8 linears); `..._fa3`: FlashAttention-3; `..._cplxrope`: RoPE as diffusers'
      complex multiply instead of `serve_app.engines.attention_processor`'s real arithmetic (the default);
      `..._fused`: Q/K/V and w1/w3 as one linear each (`denoiser.fuse_projections`), also compared with the
-     same variant unfused when that one ran first; with `--batch-size` S also a batch of 1 and of 4 at
+     same variant unfused when that one ran first; `..._fastacc`: FP8 GEMMs with fast accumulation
+     (`denoiser.fp8_fast_accum`), also compared with the variant without; with `--batch-size` S also a batch of 1 and of 4 at
      S x S (per-image ratio); `..._graphs`: CUDA graphs of the forward at S x S (`denoiser.cuda_graph_max_pixels`
      S², batches 1-4), captured as the warm-up does, then forward at batch 1 and 4 and the 8-step loop at
      batch 1 and 4 with and without them on the same engine, and the latents' difference;
@@ -36,6 +37,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import statistics
 import sys
@@ -274,6 +276,14 @@ def main():
         return out
 
     ref_out = fixed_forward(dn)  # the eager bf16 DiT: what every variant is compared with
+    # ... and its 8-step latents (seed 0) and their eager decode: the output a switch changes
+    ref_latents = denoise_fn(dn)()[0].float()
+    ref_image = vae.decode([ref_latents])[0]
+
+    def compare_images(img: torch.Tensor, ref: torch.Tensor) -> dict:
+        mse = (img.double() - ref.double()).pow(2).mean().item()
+        return {"max_abs_levels": int((img.int() - ref.int()).abs().max()),
+                "psnr_db": float("inf") if mse == 0 else 10 * math.log10(255**2 / mse)}
     outputs: dict[str, torch.Tensor] = {}  # each variant's fixed forward, for `..._fused` against its unfused one
     for variant in [v for v in args.variants.split(",") if v]:
         log(f"DiT variant {variant}")
@@ -282,6 +292,7 @@ def main():
             compile="compile" in toks,
             compile_dynamic="static" not in toks,
             fp8="fp8" in toks,
+            fp8_fast_accum="fastacc" in toks,
             real_rope="cplxrope" not in toks,
             fuse_projections="fused" in toks,
             cuda_graph_max_pixels=(args.batch_size or 512) ** 2 if "graphs" in toks else None,
@@ -306,9 +317,13 @@ def main():
             r["denoise_8_steps"] = timed(denoise_fn(engine), 3)
             o = outputs[variant] = fixed_forward(engine)
             r["vs_eager"] = compare(o, ref_out)
-            unfused = "_".join(t for t in variant.split("_") if t != "fused")
-            if "fused" in toks and unfused in outputs:
-                r[f"vs_{unfused}"] = compare(o, outputs[unfused])
+            lat8 = denoise_fn(engine)()[0].float()
+            r["latents_vs_eager"] = compare(lat8, ref_latents)
+            r["image_vs_eager"] = compare_images(vae.decode([lat8])[0], ref_image)
+            for tok in ("fused", "fastacc"):  # against the same variant without that switch, when it ran
+                without = "_".join(t for t in variant.split("_") if t != tok)
+                if tok in toks and without in outputs:
+                    r[f"vs_{without}"] = compare(o, outputs[without])
             if args.batch_size:
                 bs = args.batch_size
                 b1 = timed(forward_fn(engine, 1, bs), 10, warmup=2)
@@ -333,7 +348,8 @@ def main():
             results["dit"][variant] = r
             log(f"  {variant}: forward {r['forward']['median_s']*1000:.1f} ms, batch4 {r['forward_batch4']['median_s']*1000:.1f} ms, "
                 f"first {first:.1f} s, denoise {r['denoise_8_steps']['median_s']*1000:.0f} ms, vs eager {r['vs_eager']}, "
-                f"{r.get(f'vs_{unfused}', '')} {r.get(f'forward_{args.batch_size}')}")
+                f"latents {r['latents_vs_eager']}, image {r['image_vs_eager']}, "
+                f"{ {k: v for k, v in r.items() if k.startswith('vs_') and k != 'vs_eager'} } {r.get(f'forward_{args.batch_size}')}")
             if engine is not dn:
                 del engine
                 gc.collect()

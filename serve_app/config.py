@@ -82,6 +82,9 @@ class DenoiserConfig(_Strict):
     # served size), which lets Inductor specialise its kernels
     compile_dynamic: bool = True
     fp8: bool = False  # FP8 linears (per-token activation, per-row weight scales) where the chip has FP8
+    # FP8 GEMMs with Hopper's fast accumulation (`_scaled_mm(use_fast_accum=True)`, torchao's inference
+    # default): no periodic promotion of the partial sums to float32 (benchmarks/README.md, "fast accumulation")
+    fp8_fast_accum: bool = False
     # each block's Q, K, V as one linear and its feed-forward's w1, w3 as one: fewer launches, the same
     # result (serve_app/engines/fused_projections.py; benchmarks/README.md, "fused projections": server
     # c=1 -1.6 %). None: on unless lora.enabled (adapters wrap the separate linears); AppConfig decides.

@@ -65,6 +65,7 @@ class DiTBuild:
     attention: dict[str, str]
     real_rope: bool
     fp8_dtype: str | None
+    fp8_fast_accum: bool
     fused_projections: bool  # Q/K/V and w1/w3 as one linear each (serve_app/engines/fused_projections.py)
     compile: bool
     compile_dynamic: bool
@@ -155,7 +156,7 @@ def build_dit(model_cfg: ModelConfig, cfg: DenoiserConfig, device: torch.device,
 
     # 4. FP8: only the big linears inside the transformer blocks; embedders and final layer stay bf16
     if settings.fp8:
-        quantize_linears_fp8(transformer, settings.torch_fp8_dtype, in_blocks, device=device)
+        quantize_linears_fp8(transformer, settings.torch_fp8_dtype, in_blocks, device=device, fast_accum=cfg.fp8_fast_accum)
         transformer.to(device)  # what stays bf16 (embedders, norms, final layer)
 
     # 4b. LoRA side paths: after FP8 (they wrap the FP8 linears and stay bf16), before compile (the compiled
@@ -175,6 +176,7 @@ def build_dit(model_cfg: ModelConfig, cfg: DenoiserConfig, device: torch.device,
         attention=attention,
         real_rope=cfg.real_rope,
         fp8_dtype=settings.fp8_dtype if settings.fp8 else None,
+        fp8_fast_accum=settings.fp8 and cfg.fp8_fast_accum,
         fused_projections=bool(cfg.fuse_projections),
         compile=settings.compile.enabled,
         compile_dynamic=settings.compile.enabled and settings.compile.dynamic,

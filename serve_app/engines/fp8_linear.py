@@ -20,10 +20,11 @@ def _rowwise_scale(x: torch.Tensor, fp8_max: float) -> torch.Tensor:
 
 
 class Float8RowwiseLinear(torch.nn.Module):
-    def __init__(self, linear: torch.nn.Linear, fp8_dtype: torch.dtype):
+    def __init__(self, linear: torch.nn.Linear, fp8_dtype: torch.dtype, fast_accum: bool = False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.fp8_dtype = fp8_dtype
+        self.fast_accum = fast_accum
         self.fp8_max = float(torch.finfo(fp8_dtype).max)
         w = linear.weight.detach()
         scale = _rowwise_scale(w, self.fp8_max)  # [out, 1]
@@ -35,14 +36,15 @@ class Float8RowwiseLinear(torch.nn.Module):
         x2 = x.reshape(-1, self.in_features)
         x_scale = _rowwise_scale(x2, self.fp8_max)  # [tokens, 1]
         xq = (x2.float() / x_scale).clamp(-self.fp8_max, self.fp8_max).to(self.fp8_dtype)
-        out = scaled_mm(xq, self.weight.t(), x_scale, self.weight_scale, self.bias, x.dtype)
+        out = scaled_mm(xq, self.weight.t(), x_scale, self.weight_scale, self.bias, x.dtype, self.fast_accum)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, fp8={self.fp8_dtype}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8={self.fp8_dtype}, fast_accum={self.fast_accum}"
 
 
-def quantize_linears_fp8(model: torch.nn.Module, fp8_dtype: torch.dtype, filter_fn, device: torch.device | None = None) -> int:
+def quantize_linears_fp8(model: torch.nn.Module, fp8_dtype: torch.dtype, filter_fn, device: torch.device | None = None,
+                         fast_accum: bool = False) -> int:
     """Replace every `nn.Linear` for which `filter_fn(module, fqn)` holds by a Float8RowwiseLinear, in
     place, each moved to `device` first when given; returns how many were replaced."""
     # names only, so that each bf16 linear is freed as soon as it is replaced: holding them all would
@@ -52,6 +54,6 @@ def quantize_linears_fp8(model: torch.nn.Module, fp8_dtype: torch.dtype, filter_
         parent_name, _, child = fqn.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         linear = getattr(parent, child)
-        setattr(parent, child, Float8RowwiseLinear(linear.to(device) if device is not None else linear, fp8_dtype))
+        setattr(parent, child, Float8RowwiseLinear(linear.to(device) if device is not None else linear, fp8_dtype, fast_accum))
         del linear
     return len(names)

@@ -111,9 +111,12 @@ def raise_recompile_limits(per_frame: int = 64, accumulated: int = 512) -> None:
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, accumulated)
 
 
-def scaled_mm(a, b, scale_a, scale_b, bias, out_dtype):
-    """FP8 GEMM with per-row scales (`torch._scaled_mm`, what torchao's FP8 linears call too)."""
-    return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, bias=bias, out_dtype=out_dtype)
+def scaled_mm(a, b, scale_a, scale_b, bias, out_dtype, use_fast_accum: bool = False):
+    """FP8 GEMM with per-row scales (`torch._scaled_mm`, what torchao's FP8 linears call too).
+    `use_fast_accum`: Hopper's FP8 accumulation without the periodic promotion to float32 (torchao's
+    inference default)."""
+    return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, bias=bias, out_dtype=out_dtype,
+                            use_fast_accum=use_fast_accum)
 
 
 def _wait(t: torch.Tensor) -> torch.Tensor:
