@@ -2,7 +2,7 @@
 scales (what `denoiser.fp8` runs), per-row with fast accumulation (`denoiser.fp8_fast_accum`), and
 per-tensor scales with and without it (cuBLAS; not offered: a measurement of what the kernel choice costs).
 
-Each GEMM is timed with CUDA events over --repeats launches (median), inputs already quantized: the GEMM
+Each GEMM is timed with CUDA events over --repeats samples of 10 launches (median), inputs already quantized: the GEMM
 alone, not the activation quantization before it. Rows: tokens x in -> out, TFLOP/s, and the sum over one
 main block (fused Q/K/V, output projection, fused w1/w3, w2) in ms.
 
@@ -13,27 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
+
+from bench_attention import cuda_ms  # the same CUDA-event median (10 launches back to back per sample)
 
 DIM, FFN = 3840, 10240  # Z-Image-Turbo's model width and feed-forward width
 BLOCK = {"qkv": (DIM, 3 * DIM), "out": (DIM, DIM), "w13": (DIM, 2 * FFN), "w2": (FFN, DIM)}  # in, out
 TOKENS = {"1024²": 4096 + 64, "512²": 1024 + 64, "512² x4": 4 * (1024 + 64)}  # image tokens + a padded caption
-
-
-def _median_ms(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def variants(m: int, k: int, n: int) -> dict:
@@ -68,7 +55,7 @@ def main():
         for name, (k, n) in BLOCK.items():
             row = {}
             for v, fn in variants(m, k, n).items():
-                ms = _median_ms(fn, args.repeats)
+                ms = cuda_ms(fn, args.repeats)
                 row[v] = {"ms": round(ms, 4), "tflops": round(2 * m * k * n / ms / 1e9, 1)}
                 block[v] = block.get(v, 0.0) + ms
             results["shapes"][f"{label} {name} {m}x{k}->{n}"] = row
